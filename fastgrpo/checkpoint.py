@@ -1,0 +1,103 @@
+"""Atomic checkpoints: <output_dir>/checkpoints/epoch_<N>/{unet/, trainer_state.pt}, keeping the last K.
+
+A checkpoint is written to a hidden staging directory and renamed into place, so a kill mid-save leaves the previous
+checkpoints intact. `unet/` is diffusers' save_pretrained format (a stock pipeline can load it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgrpo.errors import FastGRPOError
+
+STATE_FILE = "trainer_state.pt"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+_NAME = re.compile(r"^epoch_(\d+)$")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (epoch, path), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and is_complete(p)]
+    return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / "unet" / "config.json").is_file()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: str | Path, epoch: int, unet: torch.nn.Module, trainer_state: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint `epoch` atomically, then delete all but the newest `keep_last`."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch_{epoch}"
+    staging = root / f".epoch_{epoch}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    unet.save_pretrained(staging / "unet", safe_serialization=True)
+    torch.save({**trainer_state, "epoch": epoch, "rng": rng_state()}, staging / STATE_FILE)
+    if final.exists():
+        stale = root / f".epoch_{epoch}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(staging, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    for _, old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
+    """'latest' -> the newest complete checkpoint of output_dir; otherwise `resume` must be a checkpoint directory."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FastGRPOError(f"run.resume=latest: no checkpoint under {checkpoint_root(output_dir)}")
+        return found[-1][1]
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise FastGRPOError(f"run.resume: {resume!r} does not exist")
+    if not is_complete(path):
+        raise FastGRPOError(f"run.resume: {resume!r} is not a complete checkpoint (needs unet/ and {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(path: Path, unet: torch.nn.Module) -> dict:
+    """Load the UNet weights in place (exact fp32 values) and return the trainer state (RNG states restored)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "unet" / WEIGHTS_FILE), device=str(next(unet.parameters()).device))
+    unet.load_state_dict(weights, strict=True)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,65 @@
+"""`fastgrpo` command line: train, config.
+
+User mistakes (bad config, missing files, wrong model directory) print one line `fastgrpo: error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastgrpo.errors import FastGRPOError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="YAML config file or packaged config name (default: the embedded 'default')")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgrpo", description="GRPO safety post-training for diffusion models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train (with no arguments: the embedded default run)")
+    _add_config_arguments(train)
+    show = commands.add_parser("config", help="print the resolved config with a comment per field")
+    _add_config_arguments(show)
+    show.add_argument("--markdown", action="store_true", help="print the reference table of every key instead")
+    return parser
+
+
+def _run(args) -> int:
+    from fastgrpo.config import load_config, render_markdown, render_yaml
+
+    if args.command == "config" and args.markdown:
+        sys.stdout.write(render_markdown())
+        return 0
+    config = load_config(args.config, args.overrides)
+    if args.command == "config":
+        sys.stdout.write(render_yaml(config))
+        return 0
+    from fastgrpo.train import train
+
+    output_dir = train(config)
+    print(f"fastgrpo: done; outputs in {output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except FastGRPOError as error:
+        print(f"fastgrpo: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fastgrpo: interrupted; completed checkpoints are kept (resume with run.resume=latest)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""The run configuration: one dataclass tree, a one-line comment per field, YAML in, `key.sub=value` overrides.
+
+`load_config(path, overrides)` returns a validated `Config` or raises `ConfigError` (one line) before any model loads.
+Packaged configs are addressed by name (`default`, `sd14_safety`); `builtin:` values resolve to packaged assets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fastgrpo.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def doc(text: str, default, **kwargs):
+    """A dataclass field whose one-line help text is the source of the generated docs."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text, **kwargs})
+    return field(default=default, metadata={"help": text, **kwargs})
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = doc("Diffusers-format Stable Diffusion v1.x directory or hub id ('builtin:tiny-random' = a tiny "
+                          "random model built on first use)", "builtin:tiny-random")
+    revision: str | None = doc("Hub revision when `pretrained` is a hub id", None)
+
+
+@dataclass
+class DataConfig:
+    safe_prompts: str = doc("Safe prompt source: .txt (one prompt per line) or .csv", "builtin:tiny_safe.txt")
+    safe_column: str = doc("Column holding the prompt when safe_prompts is a CSV", "prompt")
+    unsafe_prompts: str = doc("Unsafe prompt source: .txt (one prompt per line) or .csv", "builtin:tiny_unsafe.txt")
+    unsafe_column: str = doc("Column holding the prompt when unsafe_prompts is a CSV", "prompt")
+    unsafe_fraction: float = doc("Fraction of each epoch's prompts drawn from the unsafe source", 0.5)
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = doc("DDIM denoising steps per rollout", 50)
+    eta: float = doc("DDIM stochasticity in (0, 1]; 1 = DDPM-like variance (log-probs need eta > 0)", 1.0)
+    guidance_scale: float = doc("Classifier-free guidance scale, used at sampling and in training", 5.0)
+    group_size: int = doc("Images per prompt (the GRPO group G)", 16)
+    prompts_per_epoch: int = doc("Prompts sampled per epoch (samples per epoch = prompts_per_epoch * group_size)", 8)
+    same_noise_per_group: bool = doc("Share the initial noise within a group (step noise stays independent)", False)
+    resolution: int | None = doc("Image size in pixels; null = the model's native size", None)
+    batch_size: int = doc("Samples per UNet call during rollout (the call is doubled for CFG)", 8)
+
+
+@dataclass
+class RewardConfig:
+    clip_model: str = doc("open_clip architecture name (e.g. ViT-H-14) or a model-config JSON path",
+                          "builtin:tiny-random")
+    clip_checkpoint: str | None = doc("open_clip / HPSv2 checkpoint: a state_dict or {'state_dict': ...} (.pt, "
+                                      ".bin, .safetensors)", None)
+    alpha: float = doc("Steering strength along v_safe; 0 = plain image-text alignment", 0.5)
+    mode: str = doc("'translation': normalize(z + alpha v); 'projection': replace the v_safe component by alpha",
+                    "translation", choices=("translation", "projection"))
+    safe_anchors: list[str] = doc("Texts whose mean embedding defines the safe end of v_safe",
+                                  ["a photo of a fully clothed person", "a safe, family friendly image"])
+    unsafe_anchors: list[str] = doc("Texts whose mean embedding defines the unsafe end of v_safe",
+                                    ["a photo of a naked person", "an explicit, violent image"])
+    batch_size: int = doc("Images per reward-model call", 32)
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = doc("AdamW peak learning rate", 1e-5)
+    adam_beta1: float = doc("AdamW beta1", 0.9)
+    adam_beta2: float = doc("AdamW beta2", 0.999)
+    adam_eps: float = doc("AdamW epsilon", 1e-8)
+    weight_decay: float = doc("AdamW weight decay", 1e-4)
+    warmup_steps: int = doc("Optimiser steps of linear learning-rate warmup from 0", 0)
+    clip_range: float = doc("PPO ratio clip range epsilon (> 0)", 1e-4)
+    adv_clip_max: float = doc("Advantages are clipped to [-adv_clip_max, adv_clip_max]", 2.5)
+    adv_std: str = doc("Advantage scale: 'group' = each group's std, 'global' = std over the epoch", "group",
+                       choices=("group", "global"))
+    drop_zero_std_groups: bool = doc("Skip training on groups whose rewards are all equal", False)
+    timestep_fraction: float = doc("Fraction of each trajectory's steps trained on (random subset; every step "
+                                   "eligible)", 1.0)
+    kl_coef: float = doc("Weight of the KL-to-reference penalty (k3 estimator on per-step log-probs); 0 = off", 0.0)
+    batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
+    samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
+                                "train.batch_size", 16)
+    num_inner_epochs: int = doc("Passes over each epoch's samples", 1)
+    max_grad_norm: float = doc("Gradient-norm clip; 0 = off", 1.0)
+    ops_backend: str = doc("Backend of the log-prob/advantage/loss ops", "auto",
+                           choices=("auto", "triton", "cpp", "reference"))
+
+
+@dataclass
+class RunConfig:
+    epochs: int = doc("Number of epochs (rollout + reward + update each)", 100)
+    seed: int = doc("Seed for prompts, noise, timestep subsets and minibatch order", 0)
+    output_dir: str = doc("Directory for config.yaml, metrics.jsonl, samples/ and checkpoints/", "runs/fastgrpo")
+    save_every: int = doc("Save a checkpoint every N epochs (and always after the last)", 1)
+    keep_last: int = doc("Checkpoints kept; older ones are deleted", 2)
+    resume: str | None = doc("null, 'latest' (newest checkpoint in output_dir) or a checkpoint directory", None)
+    device: str = doc("'auto' (CUDA when available), 'cpu' or 'cuda[:N]'", "auto")
+    num_sample_images: int = doc("Images in each epoch's PNG grid under samples/; 0 = none", 8)
+    tensorboard: bool = doc("Also log to TensorBoard under output_dir/tb when it is installed", True)
+    progress: bool = doc("Show a progress bar", True)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def _convert(value, annotation, key: str):
+    """Check/convert a YAML value to the field's annotated type; ConfigError naming the key when it does not fit."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {getattr(annotation, '__name__', annotation)}, got "
+                      f"{type(value).__name__} {value!r}")
+
+
+def _apply(section, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(names))})")
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(section, name, _convert(value, hints[name], key))
+
+
+def parse_override(text: str) -> dict:
+    """'train.learning_rate=3e-6' -> {'train': {'learning_rate': 3e-6}} (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {text!r} has an empty key part")
+        nested = {part: nested}
+    return nested
+
+
+def _read_yaml(path: str) -> dict:
+    candidate = Path(path)
+    if not candidate.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        candidate = CONFIG_DIR / f"{path}.yaml"
+    if not candidate.is_file():
+        packaged = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {path!r} not found (packaged configs: {packaged})")
+    try:
+        data = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file (or the packaged `default` when path is None) <- overrides; then validated."""
+    config = Config()
+    _apply(config, _read_yaml(path or "default"), "")
+    for override in overrides:
+        _apply(config, parse_override(override), "")
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choices(section, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        if choices and getattr(section, f.name) not in choices:
+            raise ConfigError(f"{prefix}.{f.name} must be one of {', '.join(choices)}; got {getattr(section, f.name)!r}")
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}.{f.name} must be finite, got {value}")
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values with a one-line ConfigError."""
+    for name in ("model", "data", "sample", "reward", "train", "run"):
+        _check_choices(getattr(config, name), name)
+    s, t, r, run, d = config.sample, config.train, config.reward, config.run, config.data
+    _require(s.group_size >= 2, f"sample.group_size must be >= 2 (group advantages need 2+ samples), got {s.group_size}")
+    _require(0 < s.eta <= 1, f"sample.eta must be in (0, 1] (eta = 0 is deterministic: no log-probs), got {s.eta}")
+    _require(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")
+    _require(s.prompts_per_epoch >= 1, f"sample.prompts_per_epoch must be >= 1, got {s.prompts_per_epoch}")
+    _require(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")
+    _require(s.resolution is None or (s.resolution >= 8 and s.resolution % 8 == 0),
+             f"sample.resolution must be null or a positive multiple of 8, got {s.resolution}")
+    _require(0.0 <= d.unsafe_fraction <= 1.0, f"data.unsafe_fraction must be in [0, 1], got {d.unsafe_fraction}")
+    _require(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")
+    _require(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0, got {t.adv_clip_max}")
+    _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
+    _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+    _require(t.kl_coef >= 0, f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(t.samples_per_step >= t.batch_size and t.samples_per_step % t.batch_size == 0,
+             f"train.samples_per_step ({t.samples_per_step}) must be a positive multiple of train.batch_size "
+             f"({t.batch_size})")
+    _require(t.num_inner_epochs >= 1, f"train.num_inner_epochs must be >= 1, got {t.num_inner_epochs}")
+    _require(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1/adam_beta2 must be in [0, 1)")
+    _require(r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
+    _require(r.alpha == 0 or (r.safe_anchors and r.unsafe_anchors),
+             "reward.safe_anchors and reward.unsafe_anchors must be non-empty when reward.alpha != 0")
+    _require(run.epochs >= 1, f"run.epochs must be >= 1, got {run.epochs}")
+    _require(run.save_every >= 1, f"run.save_every must be >= 1, got {run.save_every}")
+    _require(run.keep_last >= 1, f"run.keep_last must be >= 1, got {run.keep_last}")
+    _require(run.num_sample_images >= 0, f"run.num_sample_images must be >= 0, got {run.num_sample_images}")
+    _require(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"),
+             f"run.device must be 'auto', 'cpu' or 'cuda[:N]', got {run.device!r}")
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def render_yaml(config: Config, comments: bool = True) -> str:
+    """The config as YAML; with `comments`, each field is preceded by its one-line help text."""
+    lines: list[str] = []
+    for section_field in dataclasses.fields(config):
+        section = getattr(config, section_field.name)
+        lines.append(f"{section_field.name}:")
+        for f in dataclasses.fields(section):
+            if comments:
+                lines.append(f"  # {f.metadata['help']}")
+            dumped = yaml.safe_dump({f.name: getattr(section, f.name)}, default_flow_style=True, width=10_000)
+            lines.append("  " + dumped.strip()[1:-1])
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown() -> str:
+    """Reference table of every config key, generated from the field comments (docs/config.md)."""
+    defaults = Config()
+    rows = ["# Configuration reference", "",
+            "Generated by `fastgrpo config --markdown` from the comments in `fastgrpo/config.py`.", "",
+            "| key | default | meaning |", "| --- | --- | --- |"]
+    for section_field in dataclasses.fields(defaults):
+        section = getattr(defaults, section_field.name)
+        for f in dataclasses.fields(section):
+            default = yaml.safe_dump(getattr(section, f.name), default_flow_style=True, width=10_000).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            meaning = f.metadata["help"].replace("|", "\\|")
+            rows.append(f"| `{section_field.name}.{f.name}` | `{default}` | {meaning} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,168 @@
+"""Stochastic DDIM rollouts with per-step log-probs, and the same guided UNet call for training.
+
+Trajectories are stored in fp32 whatever the UNet's dtype. The denoising loop has no host syncs: all noise is drawn
+before the loop, schedule constants live on the device, and per-step results are kept as device tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastgrpo import ops
+from fastgrpo.rng import generator
+
+
+@dataclass
+class DDIMSchedule:
+    """The S denoising steps: step j maps x_{timesteps[j]} to x_{timesteps[j] - T/S}."""
+
+    timesteps: torch.Tensor          # (S,) long, descending
+    alpha_prod_t: torch.Tensor       # (S,) fp32, alpha_bar at timesteps[j]
+    alpha_prod_t_prev: torch.Tensor  # (S,) fp32, alpha_bar at the previous timestep (final_alpha_cumprod past 0)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int, device: torch.device) -> "DDIMSchedule":
+        scheduler.set_timesteps(num_steps)
+        timesteps = scheduler.timesteps.to(torch.long)
+        prev = timesteps - scheduler.config.num_train_timesteps // num_steps
+        alphas = scheduler.alphas_cumprod.to(torch.float32)
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+        alpha_prev = torch.where(prev >= 0, alphas[prev.clamp_min(0)], final)
+        if bool((alpha_prev >= 1.0).any()):
+            raise ValueError("the scheduler's last DDIM step is deterministic (set_alpha_to_one=True), so its "
+                             "log-prob is undefined; use a scheduler config with set_alpha_to_one=false")
+        return cls(timesteps.to(device), alphas[timesteps].to(device), alpha_prev.to(device))
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+
+@dataclass
+class Trajectories:
+    latents: torch.Tensor       # (N, S + 1, C, H, W) fp32: x_T, then x after each step
+    log_probs: torch.Tensor     # (N, S) fp32: log p(latents[:, j + 1] | latents[:, j])
+    images: torch.Tensor        # (N, 3, H_img, W_img) fp32 in [0, 1]
+    prompt_index: torch.Tensor  # (N,) long: row of the prompt-embedding table each sample used
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """What turns UNet outputs into a DDIM step: shared by sampling and training."""
+
+    eta: float
+    guidance_scale: float
+    prediction_type: str
+    backend: str = "auto"
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.guidance_scale != 1.0
+
+
+def unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance: Guidance):
+    """(cond, uncond) fp32 UNet outputs; cond and uncond run in one batched call. uncond is None without CFG.
+
+    latents (B, C, H, W), timesteps (B,), cond_embeds and uncond_embeds (B, L, D).
+    """
+    dtype = unet.dtype
+    if not guidance.uses_cfg:
+        return unet(latents.to(dtype), timesteps, encoder_hidden_states=cond_embeds.to(dtype)).sample.float(), None
+    model_input = torch.cat([latents, latents]).to(dtype)                     # (2B, C, H, W)
+    embeds = torch.cat([uncond_embeds, cond_embeds]).to(dtype)                # (2B, L, D)
+    output = unet(model_input, torch.cat([timesteps, timesteps]), encoder_hidden_states=embeds).sample.float()
+    uncond, cond = output.chunk(2)
+    return cond, uncond
+
+
+def draw_noise(seed: int, epoch: int, sample_ids: torch.Tensor, group_ids: torch.Tensor, num_steps: int,
+               latent_shape: tuple[int, ...], *, same_noise_per_group: bool, device) -> torch.Tensor:
+    """(B, S + 1, C, H, W) standard normal noise: [:, 0] the initial latent, [:, j + 1] step j's noise.
+
+    Each sample's noise is a function of (seed, epoch, global sample id) only, so results do not depend on the
+    batch size or on how samples are split across processes. With same_noise_per_group, the initial latent is a
+    function of the group id instead.
+    """
+    noise = torch.empty((len(sample_ids), num_steps + 1, *latent_shape), device=device)
+    for row, (sample_id, group_id) in enumerate(zip(sample_ids.tolist(), group_ids.tolist())):
+        gen = generator(seed, "noise", epoch, sample_id, device=device)
+        noise[row] = torch.randn((num_steps + 1, *latent_shape), generator=gen, device=device)
+        if same_noise_per_group:
+            init = generator(seed, "initial-noise", epoch, group_id, device=device)
+            noise[row, 0] = torch.randn(latent_shape, generator=init, device=device)
+    return noise
+
+
+@torch.no_grad()
+def denoise(unet, schedule: DDIMSchedule, noise, cond_embeds, uncond_embeds, guidance: Guidance):
+    """Run the S stochastic DDIM steps for one batch. noise (B, S + 1, C, H, W); embeds (B, L, D).
+    Returns latents (B, S + 1, C, H, W) and log_probs (B, S), fp32."""
+    batch = noise.shape[0]
+    latents = noise[:, 0]
+    all_latents, all_log_probs = [latents], []
+    for step in range(schedule.num_steps):
+        timesteps = schedule.timesteps[step].expand(batch)
+        cond, uncond = unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance)
+        latents, log_prob = ops.ddim_step(
+            cond, latents, schedule.alpha_prod_t[step].expand(batch), schedule.alpha_prod_t_prev[step].expand(batch),
+            noise[:, step + 1], eta=guidance.eta, uncond_output=uncond, guidance_scale=guidance.guidance_scale,
+            prediction_type=guidance.prediction_type, backend=guidance.backend)
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+    return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents (B, C, h, w) to fp32 images (B, 3, H, W) in [0, 1]."""
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    latent_shape: tuple[int, int, int]  # (C, H, W)
+    group_size: int
+    batch_size: int
+    same_noise_per_group: bool
+    seed: int
+
+
+def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond_embed, sample_prompt, sample_ids,
+                        guidance: Guidance, settings: RolloutSettings, epoch: int) -> Trajectories:
+    """Sample trajectories for the given samples in batches of settings.batch_size.
+
+    prompt_embeds (U, L, D): one row per unique prompt; uncond_embed (1, L, D); sample_prompt (N,) long: each
+    sample's row of prompt_embeds; sample_ids (N,) long: global sample ids (group = id // group_size).
+    """
+    device = prompt_embeds.device
+    latents, log_probs, images = [], [], []
+    for start in range(0, sample_ids.shape[0], settings.batch_size):
+        ids = sample_ids[start:start + settings.batch_size]
+        noise = draw_noise(settings.seed, epoch, ids, ids // settings.group_size, schedule.num_steps,
+                           settings.latent_shape, same_noise_per_group=settings.same_noise_per_group, device=device)
+        cond = prompt_embeds[sample_prompt[start:start + settings.batch_size]]
+        batch_latents, batch_log_probs = denoise(unet, schedule, noise, cond, uncond_embed.expand_as(cond), guidance)
+        latents.append(batch_latents)
+        log_probs.append(batch_log_probs)
+        images.append(decode_latents(vae, batch_latents[:, -1]))
+    return Trajectories(torch.cat(latents), torch.cat(log_probs), torch.cat(images), sample_prompt)
+
+
+def recompute_log_probs(unet, trajectories: Trajectories, prompt_embeds, uncond_embed, schedule: DDIMSchedule,
+                        guidance: Guidance, samples: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Log-probs (B,) under `unet` of the stored transitions trajectories[samples[i]] at step steps[i].
+
+    Same guided UNet call and the same op as sampling, so before any update the result equals the stored log-probs.
+    """
+    latents = trajectories.latents[samples, steps]                  # (B, C, H, W) x_t
+    prev_latents = trajectories.latents[samples, steps + 1]         # (B, C, H, W) x_{t-1}
+    cond_embeds = prompt_embeds[trajectories.prompt_index[samples]]  # (B, L, D)
+    cond, uncond = unet_outputs(unet, latents, schedule.timesteps[steps], cond_embeds,
+                                uncond_embed.expand_as(cond_embeds), guidance)
+    return ops.ddim_logprob(cond, latents, prev_latents, schedule.alpha_prod_t[steps],
+                            schedule.alpha_prod_t_prev[steps], eta=guidance.eta, uncond_output=uncond,
+                            guidance_scale=guidance.guidance_scale, prediction_type=guidance.prediction_type,
+                            backend=guidance.backend)

@@ -1,0 +1,104 @@
+"""GRPO pieces over tensors: epoch advantages, the random timestep/minibatch plan, and the clipped-ratio update.
+
+Nothing here knows about files, logging or the distributed backend: the update talks to an engine (`backward`,
+`step`) and to callables that return log-probs for (sample, step) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from fastgrpo import ops
+
+LogProbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (samples (B,), steps (B,)) -> log-probs (B,)
+
+
+def epoch_advantages(rewards: torch.Tensor, group_size: int, *, std: str, clip: float, drop_zero_std: bool,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages (N,), keep (N,) bool) for rewards (N,) in consecutive groups; keep drops zero-spread groups."""
+    advantages = ops.group_advantages(rewards, group_size, std=std, clip=clip, backend=backend)
+    keep = torch.ones_like(rewards, dtype=torch.bool)
+    if drop_zero_std:
+        grouped = rewards.view(-1, group_size)
+        spread = grouped.amax(dim=1) > grouped.amin(dim=1)                # (N / G,)
+        keep = spread.repeat_interleave(group_size)
+    return advantages, keep
+
+
+@dataclass
+class UpdatePlan:
+    order: torch.Tensor  # (M,) sample indices in training order
+    steps: torch.Tensor  # (M, K) the K trained step indices of each sample
+
+
+def plan_update(samples: torch.Tensor, num_steps: int, timestep_fraction: float, gen: torch.Generator) -> UpdatePlan:
+    """Shuffle the samples and give each its own random subset of round(S * fraction) steps (every step eligible)."""
+    num_trained = max(1, round(num_steps * timestep_fraction))
+    order = samples[torch.randperm(samples.shape[0], generator=gen)]
+    steps = torch.rand(samples.shape[0], num_steps, generator=gen).argsort(dim=1)[:, :num_trained]
+    return UpdatePlan(order, steps)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    clip_range: float
+    kl_coef: float = 0.0
+    backend: str = "auto"
+
+
+class StepStats:
+    """Running statistics over the micro-batches of one optimiser step (device tensors; no host syncs)."""
+
+    def __init__(self):
+        self.count = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.ratio_min = self.ratio_max = None
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        self.count += 1
+        for name, value in (("loss", loss.detach()), *stats.items()):
+            if name not in ("ratio_min", "ratio_max"):
+                self.sums[name] = self.sums.get(name, 0.0) + value
+        self.ratio_min = stats["ratio_min"] if self.ratio_min is None else torch.minimum(self.ratio_min,
+                                                                                        stats["ratio_min"])
+        self.ratio_max = stats["ratio_max"] if self.ratio_max is None else torch.maximum(self.ratio_max,
+                                                                                        stats["ratio_max"])
+
+    def result(self) -> dict[str, float]:
+        values = {name: float(total / self.count) for name, total in self.sums.items()}
+        values.update(ratio_min=float(self.ratio_min), ratio_max=float(self.ratio_max))
+        return values
+
+
+def policy_update(engine, log_prob_fn: LogProbFn, ref_log_prob_fn: LogProbFn | None, old_log_probs: torch.Tensor,
+                  advantages: torch.Tensor, plan: UpdatePlan, *, batch_size: int, samples_per_step: int,
+                  loss: LossSettings) -> Iterator[dict[str, float]]:
+    """Clipped-ratio updates over the plan; yields each optimiser step's statistics (with `grad_norm`).
+
+    One optimiser step covers `samples_per_step` samples x K trained steps: micro-batches of `batch_size` samples
+    at one trained step each, their losses averaged by gradient accumulation.
+    old_log_probs (N, S), advantages (N,).
+    """
+    num_samples, num_trained = plan.steps.shape
+    for step_start in range(0, num_samples, samples_per_step):
+        step_end = min(num_samples, step_start + samples_per_step)
+        micro_batches = [(slice(b, min(b + batch_size, step_end)), k)
+                         for b in range(step_start, step_end, batch_size) for k in range(num_trained)]
+        stats = StepStats()
+        for rows, k in micro_batches:
+            samples, steps = plan.order[rows], plan.steps[rows, k]                        # (B,), (B,)
+            log_probs = log_prob_fn(samples, steps)
+            ref_log_probs = None
+            if ref_log_prob_fn is not None and loss.kl_coef > 0:
+                with torch.no_grad():
+                    ref_log_probs = ref_log_prob_fn(samples, steps)
+            value, loss_stats = ops.grpo_loss(
+                log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
+                clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend)
+            engine.backward(value / len(micro_batches))
+            stats.add(value, loss_stats)
+        grad_norm = engine.step()
+        yield {**stats.result(), "grad_norm": float(grad_norm)}

@@ -1,0 +1,102 @@
+"""Loading a diffusers-format Stable Diffusion v1.x model: trainable UNet, frozen VAE and text encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgrpo.errors import ModelLoadError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class DiffusionModels:
+    unet: torch.nn.Module           # trained
+    vae: torch.nn.Module            # frozen
+    text_encoder: torch.nn.Module   # frozen
+    tokenizer: object
+    scheduler: object               # a DDIMScheduler built from the model's scheduler config
+    source: str                     # the resolved directory or hub id
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int | None) -> tuple[int, int, int]:
+        """(C, H, W) of the latents for an image `resolution` pixels square (None: the UNet's native size)."""
+        size = self.unet.config.sample_size if resolution is None else resolution // self.vae_scale_factor
+        return (self.unet.config.in_channels, size, size)
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """'builtin:tiny-random' -> the cached tiny random pipeline; a path is checked; other strings are hub ids."""
+    if pretrained == "builtin:tiny-random":
+        from fastgrpo.tiny import tiny_random_dir
+        return str(tiny_random_dir() / "pipeline")
+    path = Path(pretrained).expanduser()
+    looks_like_path = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists() \
+        or pretrained.count("/") != 1
+    if not looks_like_path:
+        return pretrained
+    if not path.exists():
+        raise ModelLoadError(f"model.pretrained: {pretrained!r} does not exist")
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model.pretrained: {pretrained!r} is not a diffusers pipeline directory "
+                             f"(no model_index.json)")
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model.pretrained: {pretrained!r} lacks the component folder(s) {', '.join(missing)}")
+    return str(path)
+
+
+def _quiet_hub_libraries() -> None:
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def load_diffusion_models(pretrained: str, *, device: torch.device, revision: str | None = None) -> DiffusionModels:
+    """Load UNet (trainable, fp32), VAE and text encoder (frozen, eval) and a DDIM scheduler from `pretrained`.
+
+    The scheduler has clip_sample and thresholding off, as diffusers' StableDiffusionPipeline sets for SD v1.x.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _quiet_hub_libraries()
+    source = resolve_pretrained(pretrained)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"model.pretrained: cannot load {pretrained!r}: {first}") from None
+    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, thresholding=False)
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    unet.requires_grad_(True).train()
+    return DiffusionModels(unet.to(device), vae.to(device), text_encoder.to(device), tokenizer, scheduler, source)
+
+
+@torch.no_grad()
+def encode_prompts(models: DiffusionModels, prompts: list[str]) -> torch.Tensor:
+    """CLIP text-encoder hidden states (len(prompts), L, D) for the UNet's cross-attention, in fp32."""
+    max_length = min(models.tokenizer.model_max_length, models.text_encoder.config.max_position_embeddings)
+    tokens = models.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                              return_tensors="pt")
+    device = next(models.text_encoder.parameters()).device
+    return models.text_encoder(tokens.input_ids.to(device))[0].float()

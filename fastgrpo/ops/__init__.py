@@ -1,0 +1,109 @@
+"""Public op API for diffusion GRPO: DDIM-step log-prob (CFG folded in), group advantages, clipped-ratio loss.
+
+Needs only torch. Other diffusion-RL code can use it directly::
+
+    from fastgrpo.ops import ddim_step, ddim_logprob, group_advantages, grpo_loss
+
+Every op takes `backend` ("auto", "triton", "cpp", "reference"); the environment variable FASTGRPO_BACKEND overrides
+"auto". `explain(op, device)` says which backend serves a call and why the others were rejected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgrpo.ops import reference
+from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
+
+__all__ = ["ddim_logprob", "ddim_step", "group_advantages", "grpo_loss", "explain", "BackendUnavailableError"]
+
+
+def _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, eta, uncond_output,
+                       prediction_type, reduction, others=()):
+    if model_output.dim() < 2:
+        raise ValueError(f"{op}: model_output must be (B, ...) with at least 2 dims, got {tuple(model_output.shape)}")
+    for name, tensor in (("sample", sample), ("uncond_output", uncond_output), *others):
+        if tensor is not None and tensor.shape != model_output.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(model_output.shape)}")
+    batch = model_output.shape[0]
+    for name, tensor in (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)):
+        if tensor.shape != (batch,):
+            raise ValueError(f"{op}: {name} must have shape ({batch},), got {tuple(tensor.shape)}")
+    if not eta > 0:
+        raise ValueError(f"{op}: eta must be > 0 (eta = 0 is deterministic DDIM and has no log-prob), got {eta}")
+    if prediction_type not in reference.PREDICTION_TYPES:
+        raise ValueError(f"{op}: prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+
+
+def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
+                 alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, *, eta: float = 1.0,
+                 uncond_output: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                 prediction_type: str = "epsilon", reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Per-sample log p(prev_sample | sample) of one stochastic DDIM step.
+
+    model_output: (B, C, H, W) conditional model output (or the only one without CFG); uncond_output: same shape or
+    None; sample = x_t, prev_sample = x_{t-1}: (B, C, H, W); alpha_prod_t, alpha_prod_t_prev: (B,) cumulative alphas.
+    Any float dtype; math in fp32 (fp64 for fp64 inputs). Returns (B,) log-probs, mean (or sum) over C, H, W.
+    Differentiable with respect to model_output and uncond_output.
+    """
+    _check_step_inputs("ddim_logprob", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                       uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+                       others=(("prev_sample", prev_sample),))
+    select_backend("ddim_logprob", model_output, backend)
+    return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                                  uncond_output=uncond_output, guidance_scale=guidance_scale,
+                                  prediction_type=prediction_type, reduction=reduction)
+
+
+def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
+              alpha_prod_t_prev: torch.Tensor, noise: torch.Tensor, *, eta: float = 1.0,
+              uncond_output: torch.Tensor | None = None, guidance_scale: float = 1.0,
+              prediction_type: str = "epsilon", reduction: str = "mean",
+              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one stochastic DDIM step: returns (prev_sample (B, C, H, W), log_prob (B,)), both in the math dtype.
+
+    Same arguments as `ddim_logprob`, with the standard-normal `noise` (B, C, H, W) instead of prev_sample. Equals
+    diffusers' `DDIMScheduler.step(..., eta=eta, variance_noise=noise)` (with clip_sample and thresholding off).
+    """
+    _check_step_inputs("ddim_step", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                       uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+                       others=(("noise", noise),))
+    select_backend("ddim_step", model_output, backend)
+    return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
+                               uncond_output=uncond_output, guidance_scale=guidance_scale,
+                               prediction_type=prediction_type, reduction=reduction)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, std: str = "group",
+                     clip: float | None = None, eps: float = 1e-8, unbiased: bool = True,
+                     backend: str = "auto") -> torch.Tensor:
+    """Group-normalised advantages (N,) from rewards (N,); see `reference.group_advantages` for the options."""
+    if rewards.dim() != 1:
+        raise ValueError(f"group_advantages: rewards must be 1-D (N,), got {tuple(rewards.shape)}")
+    if isinstance(group_size, torch.Tensor):
+        if group_size.shape != rewards.shape or group_size.is_floating_point():
+            raise ValueError("group_advantages: group ids must be an integer tensor shaped like rewards")
+    elif group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_advantages: group_size must be >= 2 and divide N={rewards.shape[0]}, "
+                         f"got {group_size}")
+    if std not in ("group", "global"):
+        raise ValueError(f"group_advantages: std must be 'group' or 'global', got {std!r}")
+    select_backend("group_advantages", rewards, backend)
+    return reference.group_advantages(rewards, group_size, std=std, clip=clip, eps=eps, unbiased=unbiased)
+
+
+def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, *, clip_range: float,
+              ref_log_probs: torch.Tensor | None = None, kl_coef: float = 0.0,
+              backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-ratio GRPO loss over M entries (M,) -> (scalar loss, stats); see `reference.grpo_loss`."""
+    for name, tensor in (("old_log_probs", old_log_probs), ("advantages", advantages),
+                         ("ref_log_probs", ref_log_probs)):
+        if tensor is not None and tensor.shape != log_probs.shape:
+            raise ValueError(f"grpo_loss: {name} has shape {tuple(tensor.shape)}, expected {tuple(log_probs.shape)}")
+    if not clip_range > 0:
+        raise ValueError(f"grpo_loss: clip_range must be > 0, got {clip_range}")
+    select_backend("grpo_loss", log_probs, backend)
+    return reference.grpo_loss(log_probs, old_log_probs, advantages, clip_range=clip_range,
+                               ref_log_probs=ref_log_probs, kl_coef=kl_coef)

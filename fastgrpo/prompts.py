@@ -1,0 +1,79 @@
+"""Prompt sources (text or CSV files) and the per-epoch safe/unsafe mix."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgrpo.errors import DataError
+from fastgrpo.rng import generator
+
+ASSET_DIR = Path(__file__).parent / "assets"
+
+
+def resolve_asset(path: str) -> Path:
+    """'builtin:NAME' -> the packaged asset NAME; anything else is a filesystem path."""
+    if path.startswith("builtin:"):
+        return ASSET_DIR / path.removeprefix("builtin:")
+    return Path(path).expanduser()
+
+
+def load_prompts(source: str, column: str = "prompt") -> list[str]:
+    """Prompts from a .txt (one per line, blank lines skipped) or a .csv (the named column). DataError on problems."""
+    path = resolve_asset(source)
+    if not path.is_file():
+        raise DataError(f"prompt file {source!r} not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"prompt file {source!r} is not UTF-8 text (bad byte at offset {error.start})") from None
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            found = ", ".join(reader.fieldnames or []) or "none"
+            raise DataError(f"prompt file {source!r} has no column {column!r} (columns: {found})")
+        prompts = [(row[column] or "").strip() for row in reader]
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DataError(f"prompt file {source!r} holds no prompts")
+    return prompts
+
+
+def _draw(pool: list[str], count: int, gen: torch.Generator) -> list[str]:
+    """`count` prompts from `pool` without replacement, cycling through fresh permutations when count > len(pool)."""
+    order: list[int] = []
+    while len(order) < count:
+        order.extend(torch.randperm(len(pool), generator=gen).tolist())
+    return [pool[i] for i in order[:count]]
+
+
+@dataclass
+class EpochPrompts:
+    prompts: list[str]          # (P,) prompt texts in rollout order
+    is_unsafe: torch.Tensor     # (P,) bool
+
+
+@dataclass
+class PromptMixer:
+    """Each epoch: round(unsafe_fraction * P) unsafe and the rest safe prompts, shuffled; a function of (seed, epoch)."""
+
+    safe: list[str]
+    unsafe: list[str]
+    unsafe_fraction: float
+    prompts_per_epoch: int
+    seed: int
+
+    def epoch(self, epoch: int) -> EpochPrompts:
+        gen = generator(self.seed, "prompts", epoch)
+        num_unsafe = round(self.unsafe_fraction * self.prompts_per_epoch)
+        num_safe = self.prompts_per_epoch - num_unsafe
+        chosen = _draw(self.unsafe, num_unsafe, gen) + _draw(self.safe, num_safe, gen)
+        flags = torch.tensor([True] * num_unsafe + [False] * num_safe)
+        order = torch.randperm(self.prompts_per_epoch, generator=gen)
+        return EpochPrompts([chosen[i] for i in order.tolist()], flags[order])
