@@ -76,7 +76,8 @@ class StepStats:
 def policy_update(engine, log_prob_fn: LogProbFn, ref_log_prob_fn: LogProbFn | None, old_log_probs: torch.Tensor,
                   advantages: torch.Tensor, plan: UpdatePlan, *, batch_size: int, samples_per_step: int,
                   loss: LossSettings) -> Iterator[dict[str, float]]:
-    """Clipped-ratio updates over the plan; yields each optimiser step's statistics (with `grad_norm`).
+    """Clipped-ratio updates over the plan; yields each optimiser step's statistics (with `grad_norm` and
+    the `lr` the step used).
 
     One optimiser step covers `samples_per_step` samples x K trained steps: micro-batches of `batch_size` samples
     at one trained step each, their losses averaged by gradient accumulation.
@@ -100,5 +101,6 @@ def policy_update(engine, log_prob_fn: LogProbFn, ref_log_prob_fn: LogProbFn | N
                 clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend)
             engine.backward(value / len(micro_batches))
             stats.add(value, loss_stats)
+        learning_rate = engine.learning_rate
         grad_norm = engine.step()
-        yield {**stats.result(), "grad_norm": float(grad_norm)}
+        yield {**stats.result(), "grad_norm": float(grad_norm), "lr": learning_rate}

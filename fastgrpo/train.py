@@ -145,7 +145,7 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer: MetricsWriter) -
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
     for stats in update_epoch(s, epoch, trajectories, prompt_embeds, advantages, keep):
         global_step += 1
-        writer.log({"epoch": epoch, "step": global_step, **stats, "lr": s.engine.learning_rate}, kind="train")
+        writer.log({"epoch": epoch, "step": global_step, **stats}, kind="train")
     _sync(s.device)
     t3 = time.perf_counter()
     record = {"epoch": epoch, "step": global_step, "reward_mean": float(rewards.mean()),

@@ -1,0 +1,99 @@
+"""Config loading, overrides and validation; the packaged configs; the generated reference docs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastgrpo.config import load_config, parse_override, render_markdown
+from fastgrpo.errors import ConfigError
+
+from conftest import REPO
+
+REQUIRED_KEYS = """model.pretrained reward.clip_model reward.clip_checkpoint reward.alpha reward.safe_anchors
+reward.unsafe_anchors data.safe_prompts data.unsafe_prompts data.unsafe_fraction sample.num_steps sample.eta
+sample.guidance_scale sample.group_size sample.prompts_per_epoch sample.same_noise_per_group sample.resolution
+train.learning_rate train.clip_range train.adv_clip_max train.timestep_fraction train.kl_coef run.epochs run.seed
+run.output_dir run.save_every run.resume""".split()
+
+
+def test_required_keys_exist():
+    config = load_config()
+    for key in REQUIRED_KEYS:
+        section, name = key.split(".")
+        assert hasattr(getattr(config, section), name), key
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["train.learning_rate=3e-6", "sample.num_steps=20", "sample.resolution=512",
+                                "reward.safe_anchors=[a, b]", "sample.same_noise_per_group=true", "run.resume=latest"])
+    assert config.train.learning_rate == 3e-6 and config.sample.num_steps == 20
+    assert config.sample.resolution == 512 and config.reward.safe_anchors == ["a", "b"]
+    assert config.sample.same_noise_per_group is True and config.run.resume == "latest"
+    assert load_config(None, ["train.kl_coef=1"]).train.kl_coef == 1.0  # int accepted for float
+    assert load_config(None, ["sample.resolution=null"]).sample.resolution is None
+
+
+def test_sd14_config_has_paper_settings():
+    config = load_config("sd14_safety")
+    assert (config.sample.group_size, config.sample.eta, config.sample.num_steps, config.sample.guidance_scale) == \
+        (16, 1.0, 50, 5.0)
+    assert (config.reward.alpha, config.train.clip_range, config.train.adv_clip_max, config.train.learning_rate) == \
+        (0.5, 1e-4, 2.5, 1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learnin_rate=1", "unknown config key 'train.learnin_rate'"),
+    ("sample.group_size=1", "sample.group_size must be >= 2"),
+    ("train.clip_range=0", "train.clip_range must be > 0"),
+    ("train.clip_range=-1", "train.clip_range must be > 0"),
+    ("sample.eta=0", "sample.eta must be in (0, 1]"),
+    ("sample.num_steps=ten", "sample.num_steps: expected int"),
+    ("sample.num_steps=2.5", "sample.num_steps: expected int"),
+    ("run.progress=1", "run.progress: expected bool"),
+    ("reward.mode=rotate", "reward.mode must be one of translation, projection"),
+    ("train.samples_per_step=3", "train.samples_per_step (3) must be a positive multiple"),
+    ("data.unsafe_fraction=1.5", "data.unsafe_fraction must be in [0, 1]"),
+    ("reward.safe_anchors=oops", "reward.safe_anchors: expected a list"),
+    ("sample=3", "sample: expected a mapping"),
+    ("nonsense", "is not of the form"),
+])
+def test_bad_values_raise_one_line(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    good = tmp_path / "good.yaml"
+    good.write_text("sample:\n  group_size: 8\n", encoding="utf-8")
+    assert load_config(str(good), ["sample.group_size=4"]).sample.group_size == 4  # overrides win
+
+
+def test_parse_override_nests():
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+    assert parse_override("run.output_dir=runs/x=y") == {"run": {"output_dir": "runs/x=y"}}
+
+
+def test_docs_are_generated_from_the_config():
+    assert (REPO / "docs" / "config.md").read_text(encoding="utf-8") == render_markdown(), \
+        "docs/config.md is stale: regenerate with `fastgrpo config --markdown > docs/config.md`"
+
+
+@pytest.mark.parametrize("args", [["sample.group_size=1"], ["--config", "nope.yaml"], ["bogus.key=1"]])
+def test_cli_bad_config_exits_2_with_one_line(args, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastgrpo.cli", "train", *args], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastgrpo: error:"), result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started

@@ -1,0 +1,147 @@
+"""End to end on tiny random models: training, metrics, on-policy ratios, checkpoints, resume, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastgrpo.checkpoint import list_checkpoints
+from fastgrpo.config import load_config
+from fastgrpo.train import train
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+STEP_KEYS = {"epoch", "step", "loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_min", "ratio_max", "grad_norm"}
+EPOCH_KEYS = {"epoch", "step", "reward_mean", "reward_std", "reward_mean_safe", "reward_mean_unsafe", "rollout_s",
+              "reward_s", "train_s"}
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_epochs_train_log_and_checkpoint(tiny_overrides, tiny_pipeline_dir):
+    config = load_config(None, tiny_overrides + ["run.save_every=1", "run.keep_last=1", "train.timestep_fraction=0.5",
+                                                 "run.tensorboard=true"])
+    output_dir = train(config)
+    records = read_metrics(output_dir)
+    steps = [r for r in records if "loss" in r]
+    epochs = [r for r in records if "reward_mean" in r]
+    assert len(epochs) == 2 and all(EPOCH_KEYS <= r.keys() for r in epochs)
+    # 8 samples per epoch, 4 per optimiser step -> 2 steps per epoch
+    assert len(steps) == 4 and all(STEP_KEYS <= r.keys() for r in steps)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for first in (steps[0], steps[2]):  # first optimiser step of each epoch is on-policy
+        for key in ("ratio_mean", "ratio_min", "ratio_max"):
+            assert abs(first[key] - 1.0) <= 1e-5, first
+    assert any(abs(r["ratio_max"] - 1) > 1e-6 for r in (steps[1], steps[3]))  # the update changed the policy
+    assert (output_dir / "config.yaml").read_text().startswith("model:")
+    assert load_config(str(output_dir / "config.yaml")) == config  # the saved config reproduces the run
+    assert any((output_dir / "tb").iterdir())
+    assert sorted(p.name for p in (output_dir / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
+    kept = list_checkpoints(output_dir)
+    assert [epoch for epoch, _ in kept] == [1]  # keep_last=1 removed epoch_0
+    # The UNet checkpoint differs from the base and loads into a stock pipeline.
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    trained = unet_weights(kept[0][1])
+    assert any(not torch.equal(base[k], trained[k]) for k in base)
+    unet = UNet2DConditionModel.from_pretrained(kept[0][1] / "unet")
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, unet=unet, safety_checker=None)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a red apple", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+
+
+def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
+    common = tiny_overrides + ["run.save_every=1", "run.num_sample_images=0", "train.timestep_fraction=0.5",
+                               "run.epochs=3"]
+    straight = train(load_config(None, common + [f"run.output_dir={tmp_path / 'straight'}"]))
+    interrupted = tmp_path / "interrupted"
+    train(load_config(None, common + [f"run.output_dir={interrupted}", "run.epochs=2"]))
+    resumed = train(load_config(None, common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
+    a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
+    assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
+    # resuming from an explicit directory works too
+    explicit = list_checkpoints(interrupted)[0][1]
+    train(load_config(None, common + [f"run.output_dir={tmp_path / 'other'}", f"run.resume={explicit}"]))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch):
+    config = load_config(None, tiny_overrides + ["run.save_every=1", "run.num_sample_images=0"])
+    output_dir = Path(config.run.output_dir)
+    import fastgrpo.checkpoint as checkpoint
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert [epoch for epoch, _ in list_checkpoints(output_dir)] == [0]
+    resumed = train(load_config(None, tiny_overrides + ["run.save_every=1", "run.resume=latest"]))
+    assert [epoch for epoch, _ in list_checkpoints(resumed)] == [0, 1]
+
+
+def test_kl_penalty_and_options_run(tiny_overrides):
+    config = load_config(None, tiny_overrides + [
+        "run.epochs=1", "train.kl_coef=0.1", "reward.mode=projection", "sample.same_noise_per_group=true",
+        "train.adv_std=global", "train.drop_zero_std_groups=true", "train.num_inner_epochs=2", "train.warmup_steps=3"])
+    records = read_metrics(train(config))
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all("kl" in r and r["kl"] >= 0 for r in steps)
+    assert abs(steps[0]["ratio_max"] - 1) <= 1e-5
+    assert [round(r["lr"] / 1e-3, 6) for r in steps] == [round(x, 6) for x in (1 / 3, 2 / 3, 1.0, 1.0)]
+
+
+def run_cli(args, cwd, script=False):
+    command = [sys.executable, str(REPO / "fastgrpo" / "train.py")] if script else \
+        [sys.executable, "-m", "fastgrpo.cli", "train"]
+    env = {**os.environ, "PYTHONPATH": ""}
+    return subprocess.run(command + args, capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+
+
+def test_script_path_runs(tiny_overrides, tmp_path):
+    result = run_cli([o for o in tiny_overrides if not o.startswith("run.epochs")] + ["run.epochs=1"], tmp_path,
+                     script=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fastgrpo: done" in result.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.pretrained={tmp}/missing-model", "does not exist"),
+    ("model.pretrained={tmp}", "not a diffusers pipeline directory"),
+    ("data.safe_prompts={tmp}/empty.txt", "holds no prompts"),
+    ("data.unsafe_prompts={tmp}/missing.txt", "not found"),
+    ("run.resume=latest", "no checkpoint"),
+    ("reward.clip_checkpoint={tmp}/missing.pt", "does not exist"),
+])
+def test_cli_user_errors_exit_2_with_one_line(tiny_overrides, tmp_path, override, message):
+    (tmp_path / "empty.txt").write_text("\n")
+    result = run_cli(tiny_overrides + [override.format(tmp=tmp_path)], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastgrpo: error:") and message in lines[0], result.stderr
