@@ -1,5 +1,25 @@
-"""Build entry point. Metadata lives in pyproject.toml; this file exists for the optional compiled extension."""
+"""Build entry point. Metadata lives in pyproject.toml; this file adds the optional C++ CPU extension.
+
+The extension (`fastgrpo._C`, from csrc/) needs torch at build time. Install torch first and build with
+`pip install --no-build-isolation ...` to get it; under build isolation (or with FASTGRPO_NO_EXT=1) it is skipped
+and `fastgrpo.ops` serves CPU calls with the PyTorch reference, saying so once.
+"""
+
+import os
+import sys
 
 from setuptools import setup
 
-setup()
+ext_modules, cmdclass = [], {}
+if os.environ.get("FASTGRPO_NO_EXT") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("fastgrpo: torch is not importable at build time; the C++ CPU extension is skipped "
+              "(install torch first, then pip install --no-build-isolation)", file=sys.stderr)
+    else:
+        ext_modules = [CppExtension("fastgrpo._C", ["csrc/fastgrpo_cpu.cpp"],
+                                    extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
+        cmdclass = {"build_ext": BuildExtension}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

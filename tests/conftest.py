@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 from fastgrpo.tiny import build_tiny_clip, build_tiny_pipeline
 

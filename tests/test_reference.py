@@ -13,6 +13,12 @@ from fastgrpo import ops
 from fastgrpo.ops import reference
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """These tests pin down the reference itself (the fused backends are compared with it in test_kernels.py)."""
+    monkeypatch.setenv("FASTGRPO_BACKEND", "reference")
+
+
 def make_scheduler(prediction_type="epsilon", num_steps=10):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
@@ -213,16 +219,23 @@ def test_grpo_loss_gradient_vanishes_when_clipped():
     assert log_probs.grad[3].item() == pytest.approx(-math.exp(0.001) / 4)
 
 
-def test_requested_backend_without_kernel_names_each_reason(monkeypatch):
+def test_rejections_name_each_backend_and_why(monkeypatch):
     x = torch.zeros(2, 4, 2, 2)
-    alphas = torch.full((2,), 0.5)
-    with pytest.raises(ops.BackendUnavailableError, match="triton: .*no ddim_logprob kernel"):
+    alphas = torch.full((2,), 0.5, requires_grad=True)
+    with pytest.raises(ops.BackendUnavailableError, match="triton: alpha_prod_t/alpha_prod_t_prev require grad"):
         ops.ddim_logprob(x, x, x, alphas, alphas, backend="triton")
+    # auto falls back to the reference, which differentiates the schedule
+    ops.ddim_logprob(x, x, x + 1, alphas, alphas.detach() + 0.1).sum().backward()
+    assert alphas.grad is not None
     monkeypatch.setenv("FASTGRPO_BACKEND", "cpp")
-    with pytest.raises(ops.BackendUnavailableError, match="cpp: "):
-        ops.grpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), clip_range=0.1)
+    meta = torch.zeros(3, device="meta")
+    with pytest.raises(ops.BackendUnavailableError, match="cpp: device meta not supported"):
+        ops.grpo_loss(meta, meta, meta, clip_range=0.1)
     monkeypatch.setenv("FASTGRPO_BACKEND", "reference")
     assert ops.explain("grpo_loss", "cpu")[0] == "reference"
+    monkeypatch.delenv("FASTGRPO_BACKEND")
+    chosen, rejected = ops.explain("grpo_loss", "cpu")
+    assert chosen in ("cpp", "reference") and "auto picks Triton for CUDA tensors only" in rejected["triton"]
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.grpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), clip_range=0.1, backend="cuda")
 

@@ -5,7 +5,10 @@ Needs only torch. Other diffusion-RL code can use it directly::
     from fastgrpo.ops import ddim_step, ddim_logprob, group_advantages, grpo_loss
 
 Every op takes `backend` ("auto", "triton", "cpp", "reference"); the environment variable FASTGRPO_BACKEND overrides
-"auto". `explain(op, device)` says which backend serves a call and why the others were rejected.
+"auto", which picks Triton for CUDA tensors, the C++ extension for CPU tensors, else the PyTorch reference.
+`explain(op, device)` says which backend serves a call and why the others were rejected. The fused backends
+differentiate with respect to the model outputs, x_t and x_{t-1} (log-prob) and log_probs (loss); a call that needs
+another gradient (of the alphas, say) is served by the reference.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from fastgrpo.ops import reference
+from fastgrpo.ops.ddim import compute_dtype, ddim_logprob_op, ddim_step_op, step_coefficients  # noqa: F401
 from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
+from fastgrpo.ops.loss import STAT_NAMES, group_advantages_op, grpo_loss_op
 
 __all__ = ["ddim_logprob", "ddim_step", "group_advantages", "grpo_loss", "explain", "BackendUnavailableError"]
 
@@ -37,6 +42,13 @@ def _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev
         raise ValueError(f"{op}: reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
 
 
+def _schedule_rejections(*alphas: torch.Tensor) -> dict[str, str]:
+    if any(a.requires_grad for a in alphas):
+        return {name: "alpha_prod_t/alpha_prod_t_prev require grad (only the reference differentiates the "
+                      "schedule)" for name in ("triton", "cpp")}
+    return {}
+
+
 def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
                  alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, *, eta: float = 1.0,
                  uncond_output: torch.Tensor | None = None, guidance_scale: float = 1.0,
@@ -51,10 +63,17 @@ def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: 
     _check_step_inputs("ddim_logprob", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
                        uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
                        others=(("prev_sample", prev_sample),))
-    select_backend("ddim_logprob", model_output, backend)
-    return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                                  uncond_output=uncond_output, guidance_scale=guidance_scale,
-                                  prediction_type=prediction_type, reduction=reduction)
+    chosen = select_backend("ddim_logprob", model_output, backend, _schedule_rejections(alpha_prod_t,
+                                                                                         alpha_prod_t_prev))
+    if chosen == "reference":
+        return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                                      uncond_output=uncond_output, guidance_scale=guidance_scale,
+                                      prediction_type=prediction_type, reduction=reduction)
+    coefficients = step_coefficients(alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type,
+                                     reduction=reduction, numel=model_output[0].numel(),
+                                     dtype=compute_dtype(model_output, uncond_output, sample, prev_sample))
+    return ddim_logprob_op(model_output, uncond_output, sample, prev_sample, *coefficients[:4],
+                           float(guidance_scale), coefficients[4], chosen)
 
 
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
@@ -70,10 +89,17 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: to
     _check_step_inputs("ddim_step", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
                        uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
                        others=(("noise", noise),))
-    select_backend("ddim_step", model_output, backend)
-    return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
-                               uncond_output=uncond_output, guidance_scale=guidance_scale,
-                               prediction_type=prediction_type, reduction=reduction)
+    chosen = select_backend("ddim_step", model_output, backend, _schedule_rejections(alpha_prod_t,
+                                                                                   alpha_prod_t_prev))
+    if chosen == "reference":
+        return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
+                                   uncond_output=uncond_output, guidance_scale=guidance_scale,
+                                   prediction_type=prediction_type, reduction=reduction)
+    coefficients = step_coefficients(alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type,
+                                     reduction=reduction, numel=model_output[0].numel(),
+                                     dtype=compute_dtype(model_output, uncond_output, sample, noise))
+    return ddim_step_op(model_output, uncond_output, sample, noise, *coefficients[:4], float(guidance_scale),
+                        coefficients[4], chosen)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, std: str = "group",
@@ -90,8 +116,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, s
                          f"got {group_size}")
     if std not in ("group", "global"):
         raise ValueError(f"group_advantages: std must be 'group' or 'global', got {std!r}")
-    select_backend("group_advantages", rewards, backend)
-    return reference.group_advantages(rewards, group_size, std=std, clip=clip, eps=eps, unbiased=unbiased)
+    rejections = {}
+    if isinstance(group_size, torch.Tensor):
+        rejections = {name: "group ids are not supported (pass an int group_size)" for name in ("triton", "cpp")}
+    elif rewards.requires_grad:
+        rejections = {name: "rewards require grad (only the reference differentiates)" for name in ("triton", "cpp")}
+    chosen = select_backend("group_advantages", rewards, backend, rejections)
+    if chosen == "reference":
+        return reference.group_advantages(rewards, group_size, std=std, clip=clip, eps=eps, unbiased=unbiased)
+    return group_advantages_op(rewards, int(group_size), std == "global", unbiased,
+                               None if clip is None else float(clip), float(eps), chosen)
 
 
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, *, clip_range: float,
@@ -104,6 +138,17 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
             raise ValueError(f"grpo_loss: {name} has shape {tuple(tensor.shape)}, expected {tuple(log_probs.shape)}")
     if not clip_range > 0:
         raise ValueError(f"grpo_loss: clip_range must be > 0, got {clip_range}")
-    select_backend("grpo_loss", log_probs, backend)
-    return reference.grpo_loss(log_probs, old_log_probs, advantages, clip_range=clip_range,
-                               ref_log_probs=ref_log_probs, kl_coef=kl_coef)
+    rejections = {}
+    if any(t is not None and t.requires_grad for t in (old_log_probs, advantages, ref_log_probs)):
+        rejections = {name: "old_log_probs/advantages/ref_log_probs require grad (only log_probs is "
+                            "differentiated)" for name in ("triton", "cpp")}
+    chosen = select_backend("grpo_loss", log_probs, backend, rejections)
+    if chosen == "reference":
+        return reference.grpo_loss(log_probs, old_log_probs, advantages, clip_range=clip_range,
+                                   ref_log_probs=ref_log_probs, kl_coef=kl_coef)
+    stats = grpo_loss_op(log_probs, old_log_probs, advantages, ref_log_probs, float(clip_range), float(kl_coef),
+                         chosen)
+    named = {name: stats[i].detach() for i, name in enumerate(STAT_NAMES[1:-1], start=1)}
+    if ref_log_probs is not None:
+        named["kl"] = stats[-1].detach()
+    return stats[0], named

@@ -1,0 +1,167 @@
+"""Triton kernels: per-sample Gaussian log-prob of a stochastic DDIM step, classifier-free guidance folded in.
+
+The caller reduces the DDIM algebra to per-sample coefficients, so for both epsilon and v prediction
+
+    guided = uncond + g * (cond - uncond)            (cond alone without CFG)
+    mean   = coef_x * x_t + coef_e * guided
+    prev   = mean + std * noise                       (sampling variant only; stored in fp32)
+    logp   = -scale * sum((prev - mean)^2) / (2 std^2) + offset
+
+with scale = 1/N (mean over C*H*W) or 1 (sum) and offset = -(log std + log sqrt(2 pi)) * (1 or N).
+
+Forward: grid (B, num_chunks). Each program squares and sums one chunk of a row and stores the partial; the last
+program of a row to finish (an atomic counter) sums that row's partials in a fixed order, so the result is
+deterministic and there is one launch. Backward is elementwise: one launch writing the requested gradients.
+Offsets are int64; nothing is written in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # elements per program; fixed (tuning script: bench/tune_triton.py)
+
+
+@triton.jit
+def _ddim_logprob_fwd_kernel(
+    cond_ptr, uncond_ptr, sample_ptr, target_ptr, prev_out_ptr,  # (B, N) rows; target = prev_sample or noise
+    coef_x_ptr, coef_e_ptr, std_ptr, offset_ptr,                  # (B,)
+    partial_ptr, counter_ptr, out_ptr,                            # (B, MAX_CHUNKS), (B,) int32, (B,)
+    n_elements, num_chunks, guidance, scale, params_ptr,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
+):
+    if PARAMS_IN_MEMORY:  # fp64: float arguments would be rounded to fp32
+        guidance = tl.load(params_ptr)
+        scale = tl.load(params_ptr + 1)
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_elements
+    offs = row.to(tl.int64) * n_elements + cols
+    guided = tl.load(cond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_UNCOND:
+        uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        guided = uncond + guidance * (guided - uncond)
+    x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    mean = tl.load(coef_x_ptr + row).to(COMPUTE) * x + tl.load(coef_e_ptr + row).to(COMPUTE) * guided
+    target = tl.load(target_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_NOISE:
+        prev = mean + tl.load(std_ptr + row).to(COMPUTE) * target
+        tl.store(prev_out_ptr + offs, prev, mask=mask)  # stored in the compute dtype: logp sees this exact value
+    else:
+        prev = target
+    diff = tl.where(mask, prev - mean, 0.0)
+    tl.store(partial_ptr + row * MAX_CHUNKS + chunk, tl.sum(diff * diff, axis=0))
+    finished = tl.atomic_add(counter_ptr + row, 1)
+    if finished == num_chunks - 1:  # last program of this row: reduce the partials in chunk order
+        idx = tl.arange(0, MAX_CHUNKS)
+        partials = tl.load(partial_ptr + row * MAX_CHUNKS + idx, mask=idx < num_chunks, other=0.0, volatile=True)
+        total = tl.sum(partials, axis=0)
+        std = tl.load(std_ptr + row).to(COMPUTE)
+        tl.store(out_ptr + row, -scale * total / (2.0 * std * std) + tl.load(offset_ptr + row).to(COMPUTE))
+
+
+@triton.jit
+def _ddim_logprob_bwd_kernel(
+    grad_out_ptr, cond_ptr, uncond_ptr, sample_ptr, prev_ptr,
+    coef_x_ptr, coef_e_ptr, std_ptr,
+    grad_cond_ptr, grad_uncond_ptr, grad_sample_ptr, grad_prev_ptr,
+    n_elements, guidance, scale, params_ptr,
+    HAS_UNCOND: tl.constexpr, GRAD_UNCOND: tl.constexpr, GRAD_SAMPLE: tl.constexpr, GRAD_PREV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
+):
+    if PARAMS_IN_MEMORY:
+        guidance = tl.load(params_ptr)
+        scale = tl.load(params_ptr + 1)
+    row = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_elements
+    offs = row.to(tl.int64) * n_elements + cols
+    guided = tl.load(cond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_UNCOND:
+        uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        guided = uncond + guidance * (guided - uncond)
+    x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    coef_x = tl.load(coef_x_ptr + row).to(COMPUTE)
+    coef_e = tl.load(coef_e_ptr + row).to(COMPUTE)
+    diff = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - (coef_x * x + coef_e * guided)
+    std = tl.load(std_ptr + row).to(COMPUTE)
+    d_mean = tl.load(grad_out_ptr + row).to(COMPUTE) * scale * diff / (std * std)  # d logp / d mean
+    d_guided = d_mean * coef_e
+    if HAS_UNCOND:
+        tl.store(grad_cond_ptr + offs, guidance * d_guided, mask=mask)
+        if GRAD_UNCOND:
+            tl.store(grad_uncond_ptr + offs, (1.0 - guidance) * d_guided, mask=mask)
+    else:
+        tl.store(grad_cond_ptr + offs, d_guided, mask=mask)
+    if GRAD_SAMPLE:
+        tl.store(grad_sample_ptr + offs, d_mean * coef_x, mask=mask)
+    if GRAD_PREV:
+        tl.store(grad_prev_ptr + offs, -d_mean, mask=mask)
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def scalar_params(values, dtype: torch.dtype, device) -> tuple[torch.Tensor | None, bool]:
+    """Triton passes Python floats as fp32; in fp64 the hyperparameters travel in a small tensor instead.
+    (fp32 calls pass plain floats, so sampling loops make no host-to-device copies.)"""
+    if dtype != torch.float64:
+        return None, False
+    return torch.tensor(values, dtype=dtype, device=device), True
+
+
+def _rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.reshape(tensor.shape[0], -1).contiguous()
+
+
+def ddim_logprob_forward(cond, uncond, sample, target, coef_x, coef_e, std, offset, *, guidance: float,
+                         scale: float, has_noise: bool, compute_dtype: torch.dtype):
+    """Launch the forward. Tensors (B, ...) of any float dtype; coefficient tensors (B,) in compute_dtype.
+    Returns (log_prob (B,), prev_sample (B, ...) or None), both in compute_dtype."""
+    batch = cond.shape[0]
+    cond_rows, uncond_rows, sample_rows, target_rows = (_rows(t) for t in (cond, uncond, sample, target))
+    n_elements = cond_rows.shape[1]
+    num_chunks = triton.cdiv(n_elements, BLOCK)
+    max_chunks = triton.next_power_of_2(num_chunks)
+    partial = torch.zeros((batch, max_chunks), dtype=compute_dtype, device=cond.device)
+    counter = torch.zeros((batch,), dtype=torch.int32, device=cond.device)
+    out = torch.empty((batch,), dtype=compute_dtype, device=cond.device)
+    prev_out = torch.empty((batch, n_elements), dtype=compute_dtype, device=cond.device) if has_noise else None
+    params, in_memory = scalar_params([guidance, scale], compute_dtype, cond.device)
+    _ddim_logprob_fwd_kernel[(batch, num_chunks)](
+        cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows, target_rows,
+        prev_out if prev_out is not None else out, coef_x, coef_e, std, offset, partial, counter, out,
+        n_elements, num_chunks, float(guidance), float(scale), params if params is not None else out,
+        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, MAX_CHUNKS=max_chunks, BLOCK_SIZE=BLOCK,
+        COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
+    return out, (prev_out.view(cond.shape) if prev_out is not None else None)
+
+
+def ddim_logprob_backward(grad_out, cond, uncond, sample, prev, coef_x, coef_e, std, *, guidance: float,
+                          scale: float, needs: tuple[bool, bool, bool, bool], compute_dtype: torch.dtype):
+    """Gradients of the log-prob with respect to (cond, uncond, sample, prev); None where `needs` is False."""
+    batch = cond.shape[0]
+    cond_rows, uncond_rows, sample_rows, prev_rows = (_rows(t) for t in (cond, uncond, sample, prev))
+    n_elements = cond_rows.shape[1]
+
+    def empty(flag):
+        return torch.empty((batch, n_elements), dtype=compute_dtype, device=cond.device) if flag else None
+
+    grads = [empty(True), empty(needs[1] and uncond is not None), empty(needs[2]), empty(needs[3])]
+    placeholder = grads[0]
+    params, in_memory = scalar_params([guidance, scale], compute_dtype, cond.device)
+    _ddim_logprob_bwd_kernel[(batch, triton.cdiv(n_elements, BLOCK))](
+        grad_out.contiguous(), cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows,
+        prev_rows, coef_x, coef_e, std, *(g if g is not None else placeholder for g in grads),
+        n_elements, float(guidance), float(scale), params if params is not None else placeholder,
+        HAS_UNCOND=uncond is not None, GRAD_UNCOND=grads[1] is not None, GRAD_SAMPLE=grads[2] is not None,
+        GRAD_PREV=grads[3] is not None, BLOCK_SIZE=BLOCK, COMPUTE=_compute_dtype(compute_dtype),
+        PARAMS_IN_MEMORY=in_memory)
+    shaped = [g.view(cond.shape) if g is not None else None for g in grads]
+    shaped[0] = shaped[0] if needs[0] else None
+    return tuple(shaped)

@@ -1,0 +1,121 @@
+"""Triton kernels: PPO clipped-ratio loss with an optional k3 KL-to-reference term, and its backward.
+
+    ratio = exp(logp - old);  loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))
+            + kl_coef * mean(exp(ref - logp) - (ref - logp) - 1)
+
+Forward: one program walks the M entries in BLOCK chunks (M is a micro-batch of samples x steps: small), keeping
+vector accumulators and reducing them once at the end, so the order is fixed. It writes
+stats = [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl].
+Backward: elementwise over M, one launch:
+    d loss / d logp = (-A * ratio * [unclipped >= clipped or ratio inside the range]
+                       + kl_coef * (1 - exp(ref - logp))) * grad / M
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgrpo_kernels.ddim_logprob import scalar_params
+
+BLOCK = 1024
+NUM_STATS = 7
+
+
+@triton.jit
+def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr, n, clip_range, kl_coef, params_ptr,
+                          HAS_REF: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
+                          PARAMS_IN_MEMORY: tl.constexpr):
+    if PARAMS_IN_MEMORY:  # fp64: float arguments would be rounded to fp32
+        clip_range = tl.load(params_ptr)
+        kl_coef = tl.load(params_ptr + 1)
+    loss = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
+    sq_log_ratio = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
+    clipped = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
+    ratio_sum = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
+    ratio_min = tl.full((BLOCK_SIZE,), float("inf"), dtype=COMPUTE)
+    ratio_max = tl.full((BLOCK_SIZE,), float("-inf"), dtype=COMPUTE)
+    kl = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
+    for start in range(0, n, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+        mask = offs < n
+        logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        log_ratio = logp - tl.load(old_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        ratio = tl.exp(log_ratio)
+        unclipped_term = -adv * ratio
+        clipped_term = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_range), 1.0 + clip_range)
+        loss += tl.where(mask, tl.maximum(unclipped_term, clipped_term), 0.0)
+        sq_log_ratio += log_ratio * log_ratio
+        clipped += tl.where(mask & (tl.abs(ratio - 1.0) > clip_range), 1.0, 0.0)
+        ratio_sum += tl.where(mask, ratio, 0.0)
+        ratio_min = tl.minimum(ratio_min, tl.where(mask, ratio, float("inf")))
+        ratio_max = tl.maximum(ratio_max, tl.where(mask, ratio, float("-inf")))
+        if HAS_REF:
+            delta = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - logp
+            kl += tl.where(mask, tl.exp(delta) - delta - 1.0, 0.0)
+    kl_mean = tl.sum(kl, axis=0) / n
+    tl.store(stats_ptr + 0, tl.sum(loss, axis=0) / n + kl_coef * kl_mean)
+    tl.store(stats_ptr + 1, 0.5 * tl.sum(sq_log_ratio, axis=0) / n)
+    tl.store(stats_ptr + 2, tl.sum(clipped, axis=0) / n)
+    tl.store(stats_ptr + 3, tl.sum(ratio_sum, axis=0) / n)
+    tl.store(stats_ptr + 4, tl.min(ratio_min, axis=0))
+    tl.store(stats_ptr + 5, tl.max(ratio_max, axis=0))
+    tl.store(stats_ptr + 6, kl_mean)
+
+
+@triton.jit
+def _grpo_loss_bwd_kernel(grad_ptr, logp_ptr, old_ptr, adv_ptr, ref_ptr, grad_logp_ptr, n, clip_range, kl_coef,
+                          params_ptr, HAS_REF: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
+                          PARAMS_IN_MEMORY: tl.constexpr):
+    if PARAMS_IN_MEMORY:
+        clip_range = tl.load(params_ptr)
+        kl_coef = tl.load(params_ptr + 1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    ratio = tl.exp(logp - tl.load(old_ptr + offs, mask=mask, other=0.0).to(COMPUTE))
+    unclipped_term = -adv * ratio
+    clipped_term = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_range), 1.0 + clip_range)
+    inside = (ratio >= 1.0 - clip_range) & (ratio <= 1.0 + clip_range)
+    active = (unclipped_term > clipped_term) | inside
+    grad = tl.where(active, -adv * ratio, 0.0)
+    if HAS_REF:
+        delta = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - logp
+        grad += kl_coef * (1.0 - tl.exp(delta))
+    scale = tl.load(grad_ptr).to(COMPUTE) / n
+    tl.store(grad_logp_ptr + offs, grad * scale, mask=mask)
+
+
+def _compute(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, *, clip_range: float, kl_coef: float,
+                      compute_dtype: torch.dtype) -> torch.Tensor:
+    """Returns the (7,) stats vector [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl]."""
+    stats = torch.empty((NUM_STATS,), dtype=compute_dtype, device=log_probs.device)
+    tensors = [t.contiguous() for t in (log_probs, old_log_probs, advantages)]
+    ref = ref_log_probs.contiguous() if ref_log_probs is not None else tensors[0]
+    params, in_memory = scalar_params([clip_range, kl_coef], compute_dtype, log_probs.device)
+    _grpo_loss_fwd_kernel[(1,)](*tensors, ref, stats, log_probs.shape[0], float(clip_range), float(kl_coef),
+                                params if in_memory else stats, HAS_REF=ref_log_probs is not None, BLOCK_SIZE=BLOCK,
+                                COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
+    return stats
+
+
+def grpo_loss_backward(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, *, clip_range: float,
+                       kl_coef: float, compute_dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d log_probs (M,) given the upstream scalar gradient grad_loss (0-dim)."""
+    n = log_probs.shape[0]
+    grad_logp = torch.empty((n,), dtype=compute_dtype, device=log_probs.device)
+    tensors = [t.contiguous() for t in (log_probs, old_log_probs, advantages)]
+    ref = ref_log_probs.contiguous() if ref_log_probs is not None else tensors[0]
+    params, in_memory = scalar_params([clip_range, kl_coef], compute_dtype, log_probs.device)
+    _grpo_loss_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+        grad_loss.reshape(1).contiguous(), *tensors, ref, grad_logp, n, float(clip_range), float(kl_coef),
+        params if in_memory else grad_logp, HAS_REF=ref_log_probs is not None, BLOCK_SIZE=BLOCK,
+        COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
+    return grad_logp

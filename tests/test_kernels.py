@@ -1,0 +1,229 @@
+"""Fused backends (Triton under TRITON_INTERPRET=1, C++) against the reference and float64 math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastgrpo import ops
+from fastgrpo.ops import reference
+from fastgrpo.ops.dispatch import cpp_kernels
+
+FUSED = ["cpp", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    monkeypatch.delenv("FASTGRPO_BACKEND", raising=False)
+
+
+def test_cpp_extension_is_built():
+    """CI installs with --no-build-isolation, so the C++ path must be present (not silently the reference)."""
+    module, reason = cpp_kernels()
+    assert module is not None, reason
+    assert ops.explain("ddim_logprob", "cpu")[0] == "cpp"
+
+
+def step_inputs(batch=3, shape=(4, 5, 7), seed=0, dtype=torch.float32, with_uncond=True):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, *shape, generator=gen, dtype=torch.float64) for _ in range(4)]
+    alpha_t = torch.rand(batch, generator=gen, dtype=torch.float64) * 0.8 + 0.05
+    alpha_prev = alpha_t + (1 - alpha_t) * torch.rand(batch, generator=gen, dtype=torch.float64) * 0.5
+    cond, uncond, sample, other = (t.to(dtype) for t in tensors)
+    return cond, (uncond if with_uncond else None), sample, other, alpha_t.to(dtype), alpha_prev.to(dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_uncond", [True, False])
+def test_logprob_forward_matches_reference_fp64(backend, prediction_type, reduction, with_uncond):
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(dtype=torch.float64, with_uncond=with_uncond)
+    kwargs = dict(eta=0.8, uncond_output=uncond, guidance_scale=4.0, prediction_type=prediction_type,
+                  reduction=reduction)
+    expected = reference.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, **kwargs)
+    got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, backend=backend, **kwargs)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(1, (4, 8, 8)), (2, (3, 37, 41)), (5, (1,))])  # B=1; N not a block multiple
+def test_step_matches_reference_and_its_own_logprob(backend, shape):
+    batch, dims = shape
+    cond, uncond, sample, noise, alpha_t, alpha_prev = step_inputs(batch, dims, seed=1)
+    prev_ref, lp_ref = reference.ddim_step(cond, sample, alpha_t, alpha_prev, noise, uncond_output=uncond,
+                                           guidance_scale=7.5)
+    prev, lp = ops.ddim_step(cond, sample, alpha_t, alpha_prev, noise, uncond_output=uncond, guidance_scale=7.5,
+                             backend=backend)
+    torch.testing.assert_close(prev, prev_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-4, atol=1e-4)
+    again = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, guidance_scale=7.5,
+                             backend=backend)
+    torch.testing.assert_close(again, lp, rtol=0, atol=2e-6)  # ratio == 1 on-policy, within one backend
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_logprob_gradcheck_fp64(backend):
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (3, 4, 5), seed=2, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_(True) for t in (cond, uncond, sample, prev)]
+
+    def fn(c, u, x, p):
+        return ops.ddim_logprob(c, x, p, alpha_t, alpha_prev, uncond_output=u, guidance_scale=3.0, eta=0.7,
+                                prediction_type="v_prediction", backend=backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_step_gradients_match_reference(backend):
+    cond, uncond, sample, noise, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=3, dtype=torch.float64)
+    grads = {}
+    for name in ("reference", backend):
+        inputs = [t.clone().requires_grad_(True) for t in (cond, uncond, sample, noise)]
+        prev, lp = ops.ddim_step(inputs[0], inputs[2], alpha_t, alpha_prev, inputs[3], uncond_output=inputs[1],
+                                 guidance_scale=2.0, backend=name)
+        (prev.sum() * 0.3 + lp.sum()).backward()
+        grads[name] = [t.grad for t in inputs]
+    for got, expected in zip(grads[backend], grads["reference"]):
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+
+
+def max_error(value, exact):
+    return (value.double() - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_error_rule(backend, dtype):
+    """Error vs fp64 on the same (rounded) inputs at most ~2x the error of PyTorch's own eager math in `dtype`."""
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(4, (4, 16, 16), seed=4, dtype=dtype)
+    exact = reference.ddim_logprob(*(t.double() for t in (cond, sample, prev, alpha_t, alpha_prev)),
+                                   uncond_output=uncond.double(), guidance_scale=5.0)
+    # PyTorch's own error: the reference formula evaluated entirely in `dtype` (no upcast).
+    guided = uncond + 5.0 * (cond - uncond)
+    mean, std = reference.ddim_moments(guided, sample, alpha_t, alpha_prev, eta=1.0, prediction_type="epsilon")
+    torch_error = max_error(reference.gaussian_logprob(prev, mean, std.to(dtype), reduction="mean"), exact)
+    got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, guidance_scale=5.0,
+                           backend=backend)
+    assert got.dtype == torch.float32
+    assert max_error(got, exact) <= 2 * torch_error + 1e-6
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("std", ["group", "global"])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_group_advantages_match_reference(backend, std, unbiased):
+    rewards = torch.randn(48, generator=torch.Generator().manual_seed(5))
+    rewards[16:32] = 0.5  # a group with zero spread
+    kwargs = dict(std=std, unbiased=unbiased, clip=1.5)
+    got = ops.group_advantages(rewards, 16, backend=backend, **kwargs)
+    torch.testing.assert_close(got, reference.group_advantages(rewards, 16, **kwargs), rtol=1e-5, atol=1e-5)
+    if std == "group":
+        assert torch.all(got[16:32] == 0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_group_advantages_reject_group_ids(backend):
+    with pytest.raises(ops.BackendUnavailableError, match="group ids are not supported"):
+        ops.group_advantages(torch.zeros(4), torch.tensor([0, 0, 1, 1]), backend=backend)
+    assert ops.group_advantages(torch.tensor([1.0, 0.0, 3.0, 1.0]), torch.tensor([0, 0, 1, 1])).tolist() == \
+        pytest.approx([0.7071, -0.7071, 0.7071, -0.7071], abs=1e-4)  # auto falls back to the reference
+
+
+def loss_inputs(n, seed, spread=0.05, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    old = torch.randn(n, generator=gen, dtype=dtype)
+    return (old + spread * torch.randn(n, generator=gen, dtype=dtype), old, torch.randn(n, generator=gen, dtype=dtype),
+            old + 0.1 * torch.randn(n, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 2053])
+def test_grpo_loss_matches_reference(backend, with_ref, n):
+    log_probs, old, adv, ref = loss_inputs(n, seed=n)
+    ref = ref if with_ref else None
+    results = {}
+    for name in ("reference", backend):
+        lp = log_probs.clone().requires_grad_(True)
+        loss, stats = ops.grpo_loss(lp, old, adv, clip_range=0.03, ref_log_probs=ref, kl_coef=0.2, backend=name)
+        loss.backward()
+        results[name] = (loss.detach(), stats, lp.grad)
+    (loss, stats, grad), (ref_loss, ref_stats, ref_grad) = results[backend], results["reference"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert stats.keys() == ref_stats.keys()
+    for name in stats:
+        torch.testing.assert_close(stats[name], ref_stats[name], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_grpo_loss_all_clipped_has_zero_gradient(backend):
+    old = torch.zeros(6)
+    log_probs = torch.full((6,), 0.5, requires_grad=True)
+    adv = torch.ones(6)  # ratio e^0.5 > 1 + eps with positive advantage: every entry clipped
+    loss, stats = ops.grpo_loss(log_probs, old, adv, clip_range=0.1, backend=backend)
+    loss.backward()
+    assert stats["clipfrac"].item() == 1.0 and torch.all(log_probs.grad == 0)
+    assert loss.item() == pytest.approx(-1.1)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("op", ["ddim_logprob", "ddim_step", "grpo_loss", "group_advantages"])
+def test_opcheck(backend, op):
+    cond, uncond, sample, other, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=6)
+    coefficients = ops.step_coefficients(alpha_t, alpha_prev, eta=1.0, prediction_type="epsilon", reduction="mean",
+                                         numel=18, dtype=torch.float32)
+    cond.requires_grad_(True)
+    uncond.requires_grad_(True)
+    if op == "ddim_logprob":
+        args = (cond, uncond, sample, other, *coefficients[:4], 5.0, coefficients[4], backend)
+        torch.library.opcheck(ops.ddim_logprob_op, args)
+    elif op == "ddim_step":
+        args = (cond, uncond, sample, other, *coefficients[:4], 5.0, coefficients[4], backend)
+        torch.library.opcheck(ops.ddim_step_op, args)
+    elif op == "grpo_loss":
+        log_probs, old, adv, ref = loss_inputs(9, seed=7, dtype=torch.float32)
+        torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, 0.05, 0.1, backend))
+    else:
+        torch.library.opcheck(ops.group_advantages_op, (torch.randn(8), 4, False, True, 2.5, 1e-8, backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend):
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (4, 6, 6), seed=8)
+
+    def step_loss(c, u):
+        lp = ops.ddim_logprob(c, sample, prev, alpha_t, alpha_prev, uncond_output=u, guidance_scale=5.0,
+                              backend=backend)
+        loss, _ = ops.grpo_loss(lp, lp.detach() - 0.01, torch.tensor([1.0, -1.0]), clip_range=0.1,
+                                backend=backend)
+        return loss
+
+    compiled = torch.compile(step_loss, fullgraph=True)
+    inputs = [t.clone().requires_grad_(True) for t in (cond, uncond)]
+    expected_inputs = [t.clone().requires_grad_(True) for t in (cond, uncond)]
+    compiled(*inputs).backward()
+    step_loss(*expected_inputs).backward()
+    for got, expected in zip(inputs, expected_inputs):
+        torch.testing.assert_close(got.grad, expected.grad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 4), channels=st.integers(1, 4), side=st.integers(1, 24),
+       guidance=st.floats(1.0, 12.0), eta=st.floats(0.05, 1.0), step=st.floats(0.02, 0.98),
+       prediction_type=st.sampled_from(["epsilon", "v_prediction"]), backend=st.sampled_from(FUSED),
+       seed=st.integers(0, 2**16))
+def test_fuzz_logprob_against_reference(batch, channels, side, guidance, eta, step, prediction_type, backend, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cond, uncond, sample, prev = (torch.randn(batch, channels, side, side, generator=gen, dtype=torch.float64)
+                                  for _ in range(4))
+    alpha_t = torch.full((batch,), 1.0 - step, dtype=torch.float64)
+    alpha_prev = torch.clamp(alpha_t + 0.01, max=0.9999)
+    kwargs = dict(eta=eta, uncond_output=uncond, guidance_scale=guidance, prediction_type=prediction_type)
+    expected = reference.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, **kwargs)
+    got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, backend=backend, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-6)
