@@ -18,8 +18,11 @@ if os.environ.get("FASTGRPO_NO_EXT") != "1":
         print("fastgrpo: torch is not importable at build time; the C++ CPU extension is skipped "
               "(install torch first, then pip install --no-build-isolation)", file=sys.stderr)
     else:
+        # The extension is built on the machine that runs it, so it may use that CPU's vector units;
+        # FASTGRPO_CPU_FLAGS replaces -march=native (e.g. "-mavx2 -mfma" for a portable build).
+        arch = os.environ.get("FASTGRPO_CPU_FLAGS", "-march=native").split()
         ext_modules = [CppExtension("fastgrpo._C", ["csrc/fastgrpo_cpu.cpp"],
-                                    extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
+                                    extra_compile_args=["-O3", "-fopenmp", *arch], extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": BuildExtension}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,7 +1,8 @@
 // C++ CPU kernels for fastgrpo.ops: DDIM-step log-prob (CFG folded in), group advantages, clipped-ratio loss.
 //
 // The same math as kernels/fastgrpo_kernels (see the docstrings there). Inputs arrive contiguous in the compute
-// type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first.
+// type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first. The per-sample DDIM
+// coefficients are computed here from alpha_prod_t / alpha_prod_t_prev, in double.
 // Rows are split into fixed chunks of CHUNK elements processed in parallel; each chunk sums with SIMD lanes in T
 // and the chunk partials are added in double in chunk order, so results do not depend on the thread count.
 
@@ -11,25 +12,55 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t CHUNK = 8192;
+constexpr double LOG_SQRT_2PI = 0.91893853320467274178;
 
-// Sum of squared (prev - mean) over one chunk; writes prev (sampling variant) when prev_out is set.
+// Per-sample DDIM algebra: mean = cx * x_t + ce * guided; log p = -scale * sum((prev - mean)^2) / (2 std^2) + offset.
+struct Row {
+  double cx, ce, std, offset;
+};
+
+Row row_coefficients(double alpha_t, double alpha_prev, double eta, bool v_prediction, double count) {
+  const double beta_t = 1.0 - alpha_t;
+  const double std = eta * std::sqrt((1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev));
+  const double direction = std::sqrt(1.0 - alpha_prev - std * std);
+  const double sa = std::sqrt(alpha_t), sp = std::sqrt(alpha_prev), sb = std::sqrt(beta_t);
+  Row row;
+  row.cx = v_prediction ? sp * sa + direction * sb : sp / sa;
+  row.ce = v_prediction ? direction * sa - sp * sb : direction - sp * sb / sa;
+  row.std = std;
+  row.offset = -(std::log(std) + LOG_SQRT_2PI) * count;
+  return row;
+}
+
 template <typename T>
-double chunk_sum_squares(const T* cond, const T* uncond, const T* sample, const T* target, T* prev_out,
-                         int64_t begin, int64_t end, T cx, T ce, T sd, T g) {
+std::vector<Row> all_rows(const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta, bool v_prediction,
+                          double count) {
+  const T* a = alpha_t.data_ptr<T>();
+  const T* ap = alpha_prev.data_ptr<T>();
+  std::vector<Row> rows(alpha_t.numel());
+  for (int64_t b = 0; b < alpha_t.numel(); ++b) rows[b] = row_coefficients(a[b], ap[b], eta, v_prediction, count);
+  return rows;
+}
+
+// Sum of squared (prev - mean) over [begin, end); the sampling variant also writes prev = mean + std * noise.
+template <typename T, bool HAS_UNCOND, bool HAS_NOISE>
+double chunk_sum_squares(const T* __restrict__ cond, const T* __restrict__ uncond, const T* __restrict__ sample,
+                         const T* __restrict__ target, T* __restrict__ prev_out, int64_t begin, int64_t end, T cx,
+                         T ce, T sd, T g) {
   T acc = 0;
-  const bool has_uncond = uncond != nullptr;
-  const bool has_noise = prev_out != nullptr;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = begin; i < end; ++i) {
-    const T guided = has_uncond ? uncond[i] + g * (cond[i] - uncond[i]) : cond[i];
+    T guided = cond[i];
+    if constexpr (HAS_UNCOND) guided = uncond[i] + g * (cond[i] - uncond[i]);
     const T mean = cx * sample[i] + ce * guided;
     T prev = target[i];
-    if (has_noise) {
+    if constexpr (HAS_NOISE) {
       prev = mean + sd * target[i];
       prev_out[i] = prev;
     }
@@ -39,81 +70,77 @@ double chunk_sum_squares(const T* cond, const T* uncond, const T* sample, const 
   return static_cast<double>(acc);
 }
 
-template <typename T>
-void logprob_forward_impl(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond, const at::Tensor& sample,
-                          const at::Tensor& target, at::Tensor& prev_out, bool has_noise, const at::Tensor& coef_x,
-                          const at::Tensor& coef_e, const at::Tensor& stdv, const at::Tensor& offset, double g,
-                          double scale, at::Tensor& out) {
-  const int64_t batch = cond.size(0);
-  const int64_t n = cond.numel() / std::max<int64_t>(batch, 1);
+template <typename T, bool HAS_UNCOND, bool HAS_NOISE>
+void logprob_forward_impl(const T* c, const T* u, const T* x, const T* t, T* p, const std::vector<Row>& rows,
+                          int64_t batch, int64_t n, double g, double scale, T* out) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
   std::vector<double> partial(batch * chunks, 0.0);
-  const T* c = cond.data_ptr<T>();
-  const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
-  const T* x = sample.data_ptr<T>();
-  const T* t = target.data_ptr<T>();
-  T* p = has_noise ? prev_out.data_ptr<T>() : nullptr;
-  const T* cx = coef_x.data_ptr<T>();
-  const T* ce = coef_e.data_ptr<T>();
-  const T* sd = stdv.data_ptr<T>();
   at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t row = job / chunks;
       const int64_t begin = row * n + (job % chunks) * CHUNK;
       const int64_t end = std::min(begin + CHUNK, (row + 1) * n);
-      partial[job] = chunk_sum_squares<T>(c, u, x, t, p, begin, end, cx[row], ce[row], sd[row], static_cast<T>(g));
+      const Row& r = rows[row];
+      partial[job] = chunk_sum_squares<T, HAS_UNCOND, HAS_NOISE>(c, u, x, t, p, begin, end, T(r.cx), T(r.ce),
+                                                                 T(r.std), T(g));
     }
   });
-  T* o = out.data_ptr<T>();
-  const T* off = offset.data_ptr<T>();
   for (int64_t row = 0; row < batch; ++row) {
     double total = 0.0;
     for (int64_t k = 0; k < chunks; ++k) total += partial[row * chunks + k];
-    const double s = static_cast<double>(sd[row]);
-    o[row] = static_cast<T>(-scale * total / (2.0 * s * s) + static_cast<double>(off[row]));
+    out[row] = static_cast<T>(-scale * total / (2.0 * rows[row].std * rows[row].std) + rows[row].offset);
   }
 }
 
-template <typename T>
-void logprob_backward_impl(const at::Tensor& grad_out, const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
-                           const at::Tensor& sample, const at::Tensor& prev, const at::Tensor& coef_x,
-                           const at::Tensor& coef_e, const at::Tensor& stdv, double g, double scale,
-                           std::vector<at::Tensor>& grads) {
-  const int64_t batch = cond.size(0);
-  const int64_t n = cond.numel() / std::max<int64_t>(batch, 1);
+// d logp / d mean for element i (times the per-sample factor).
+template <typename T, bool HAS_UNCOND>
+inline T d_mean_at(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ x,
+                   const T* __restrict__ pv, int64_t i, T gt, T rx, T re, T factor) {
+  T guided = c[i];
+  if constexpr (HAS_UNCOND) guided = u[i] + gt * (c[i] - u[i]);
+  return factor * (pv[i] - (rx * x[i] + re * guided));
+}
+
+// One chunk of the backward. A function of its own (pointers by value, not captured by reference) so the
+// compiler knows the stores cannot move the input pointers, and vectorises every loop.
+template <typename T, bool HAS_UNCOND, bool WRITE_UNCOND>
+void backward_chunk(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ x,
+                    const T* __restrict__ pv, T* __restrict__ g_cond, T* __restrict__ g_uncond,
+                    T* __restrict__ g_sample, T* __restrict__ g_prev, int64_t begin, int64_t end, T gt, T rx, T re,
+                    T factor) {
+  const T cond_scale = HAS_UNCOND ? gt * re : re;
+  const T uncond_scale = (T(1) - gt) * re;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const T d_mean = d_mean_at<T, HAS_UNCOND>(c, u, x, pv, i, gt, rx, re, factor);
+    g_cond[i] = cond_scale * d_mean;
+    if constexpr (WRITE_UNCOND) g_uncond[i] = uncond_scale * d_mean;
+  }
+  if (g_sample) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) g_sample[i] = rx * d_mean_at<T, HAS_UNCOND>(c, u, x, pv, i, gt, rx, re, factor);
+  }
+  if (g_prev) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) g_prev[i] = -d_mean_at<T, HAS_UNCOND>(c, u, x, pv, i, gt, rx, re, factor);
+  }
+}
+
+// Gradients of the model outputs (always) and, in separate passes when requested, of x_t and x_{t-1}.
+template <typename T, bool HAS_UNCOND, bool WRITE_UNCOND>
+void logprob_backward_impl(const T* go, const T* c, const T* u, const T* x, const T* pv, const std::vector<Row>& rows,
+                           int64_t batch, int64_t n, double g, double scale, T* g_cond, T* g_uncond, T* g_sample,
+                           T* g_prev) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  const T* c = cond.data_ptr<T>();
-  const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
-  const T* x = sample.data_ptr<T>();
-  const T* pv = prev.data_ptr<T>();
-  const T* go = grad_out.data_ptr<T>();
-  const T* cx = coef_x.data_ptr<T>();
-  const T* ce = coef_e.data_ptr<T>();
-  const T* sd = stdv.data_ptr<T>();
-  T* g_cond = grads[0].data_ptr<T>();
-  T* g_uncond = grads[1].numel() ? grads[1].data_ptr<T>() : nullptr;
-  T* g_sample = grads[2].numel() ? grads[2].data_ptr<T>() : nullptr;
-  T* g_prev = grads[3].numel() ? grads[3].data_ptr<T>() : nullptr;
-  const T gt = static_cast<T>(g);
   at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t job = lo; job < hi; ++job) {
       const int64_t row = job / chunks;
       const int64_t begin = row * n + (job % chunks) * CHUNK;
       const int64_t end = std::min(begin + CHUNK, (row + 1) * n);
-      const T factor = static_cast<T>(static_cast<double>(go[row]) * scale /
-                                      (static_cast<double>(sd[row]) * static_cast<double>(sd[row])));
-      const T rx = cx[row], re = ce[row];
-      const T cond_scale = u ? gt : T(1);
-#pragma omp simd
-      for (int64_t i = begin; i < end; ++i) {
-        const T guided = u ? u[i] + gt * (c[i] - u[i]) : c[i];
-        const T d_mean = factor * (pv[i] - (rx * x[i] + re * guided));
-        const T d_guided = d_mean * re;
-        g_cond[i] = cond_scale * d_guided;
-        if (g_uncond) g_uncond[i] = (T(1) - gt) * d_guided;
-        if (g_sample) g_sample[i] = d_mean * rx;
-        if (g_prev) g_prev[i] = -d_mean;
-      }
+      const Row& r = rows[row];
+      const T factor = static_cast<T>(static_cast<double>(go[row]) * scale / (r.std * r.std));
+      backward_chunk<T, HAS_UNCOND, WRITE_UNCOND>(c, u, x, pv, g_cond, g_uncond, g_sample, g_prev, begin, end,
+                                                 static_cast<T>(g), T(r.cx), T(r.ce), factor);
     }
   });
 }
@@ -128,19 +155,30 @@ void check_inputs(const at::Tensor& cond, const std::vector<at::Tensor>& others)
 
 }  // namespace
 
-// Returns {log_prob (B,), prev_sample (B, ...) or an empty tensor}.
+// Returns {log_prob (B,), prev_sample (B, ...) or an empty tensor}. target is prev_sample, or noise when has_noise.
 std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
                                              const at::Tensor& sample, const at::Tensor& target,
-                                             const at::Tensor& coef_x, const at::Tensor& coef_e,
-                                             const at::Tensor& stdv, const at::Tensor& offset, double guidance,
-                                             double scale, bool has_noise) {
-  check_inputs(cond, {sample, target, coef_x, coef_e, stdv, offset});
+                                             const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
+                                             double guidance, bool v_prediction, bool sum_reduction, bool has_noise) {
+  check_inputs(cond, {sample, target, alpha_t, alpha_prev});
   if (uncond.has_value()) check_inputs(cond, {*uncond});
-  auto out = at::empty({cond.size(0)}, cond.options());
+  const int64_t batch = cond.size(0);
+  const int64_t n = cond.numel() / std::max<int64_t>(batch, 1);
+  const double scale = sum_reduction ? 1.0 : 1.0 / n;
+  auto out = at::empty({batch}, cond.options());
   auto prev_out = has_noise ? at::empty_like(cond) : at::empty({0}, cond.options());
   AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "ddim_logprob_forward", [&] {
-    logprob_forward_impl<scalar_t>(cond, uncond, sample, target, prev_out, has_noise, coef_x, coef_e, stdv, offset,
-                                   guidance, scale, out);
+    const auto rows = all_rows<scalar_t>(alpha_t, alpha_prev, eta, v_prediction, sum_reduction ? double(n) : 1.0);
+    const scalar_t* c = cond.data_ptr<scalar_t>();
+    const scalar_t* u = uncond.has_value() ? uncond->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x = sample.data_ptr<scalar_t>();
+    const scalar_t* t = target.data_ptr<scalar_t>();
+    scalar_t* p = has_noise ? prev_out.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (u && has_noise) logprob_forward_impl<scalar_t, true, true>(c, u, x, t, p, rows, batch, n, guidance, scale, o);
+    else if (u) logprob_forward_impl<scalar_t, true, false>(c, u, x, t, p, rows, batch, n, guidance, scale, o);
+    else if (has_noise) logprob_forward_impl<scalar_t, false, true>(c, u, x, t, p, rows, batch, n, guidance, scale, o);
+    else logprob_forward_impl<scalar_t, false, false>(c, u, x, t, p, rows, batch, n, guidance, scale, o);
   });
   return {out, prev_out};
 }
@@ -148,18 +186,32 @@ std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::
 // Returns {grad_cond, grad_uncond, grad_sample, grad_prev}; an unrequested gradient is an empty tensor.
 std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const at::Tensor& cond,
                                               const c10::optional<at::Tensor>& uncond, const at::Tensor& sample,
-                                              const at::Tensor& prev, const at::Tensor& coef_x,
-                                              const at::Tensor& coef_e, const at::Tensor& stdv, double guidance,
-                                              double scale, bool need_uncond, bool need_sample, bool need_prev) {
-  check_inputs(cond, {grad_out, sample, prev, coef_x, coef_e, stdv});
+                                              const at::Tensor& prev, const at::Tensor& alpha_t,
+                                              const at::Tensor& alpha_prev, double eta, double guidance,
+                                              bool v_prediction, bool sum_reduction, bool need_uncond,
+                                              bool need_sample, bool need_prev) {
+  check_inputs(cond, {grad_out, sample, prev, alpha_t, alpha_prev});
   if (uncond.has_value()) check_inputs(cond, {*uncond});
+  const int64_t batch = cond.size(0);
+  const int64_t n = cond.numel() / std::max<int64_t>(batch, 1);
   auto none = at::empty({0}, cond.options());
   std::vector<at::Tensor> grads = {at::empty_like(cond),
                                    need_uncond && uncond.has_value() ? at::empty_like(cond) : none,
                                    need_sample ? at::empty_like(cond) : none, need_prev ? at::empty_like(cond) : none};
   AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "ddim_logprob_backward", [&] {
-    logprob_backward_impl<scalar_t>(grad_out, cond, uncond, sample, prev, coef_x, coef_e, stdv, guidance, scale,
-                                    grads);
+    const auto rows = all_rows<scalar_t>(alpha_t, alpha_prev, eta, v_prediction, 1.0);
+    auto ptr = [](at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    const scalar_t* u = uncond.has_value() ? uncond->data_ptr<scalar_t>() : nullptr;
+    const double scale = sum_reduction ? 1.0 : 1.0 / n;
+    auto run = [&](auto has_uncond, auto write_uncond) {
+      logprob_backward_impl<scalar_t, decltype(has_uncond)::value, decltype(write_uncond)::value>(
+          grad_out.data_ptr<scalar_t>(), cond.data_ptr<scalar_t>(), u, sample.data_ptr<scalar_t>(),
+          prev.data_ptr<scalar_t>(), rows, batch, n, guidance, scale, ptr(grads[0]), ptr(grads[1]), ptr(grads[2]),
+          ptr(grads[3]));
+    };
+    if (u && grads[1].numel()) run(std::true_type{}, std::true_type{});
+    else if (u) run(std::true_type{}, std::false_type{});
+    else run(std::false_type{}, std::false_type{});
   });
   return grads;
 }

@@ -175,15 +175,13 @@ def test_grpo_loss_all_clipped_has_zero_gradient(backend):
 @pytest.mark.parametrize("op", ["ddim_logprob", "ddim_step", "grpo_loss", "group_advantages"])
 def test_opcheck(backend, op):
     cond, uncond, sample, other, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=6)
-    coefficients = ops.step_coefficients(alpha_t, alpha_prev, eta=1.0, prediction_type="epsilon", reduction="mean",
-                                         numel=18, dtype=torch.float32)
     cond.requires_grad_(True)
     uncond.requires_grad_(True)
     if op == "ddim_logprob":
-        args = (cond, uncond, sample, other, *coefficients[:4], 5.0, coefficients[4], backend)
+        args = (cond, uncond, sample, other, alpha_t, alpha_prev, 1.0, 5.0, "epsilon", "mean", backend)
         torch.library.opcheck(ops.ddim_logprob_op, args)
     elif op == "ddim_step":
-        args = (cond, uncond, sample, other, *coefficients[:4], 5.0, coefficients[4], backend)
+        args = (cond, uncond, sample, other, alpha_t, alpha_prev, 0.9, 5.0, "v_prediction", "sum", backend)
         torch.library.opcheck(ops.ddim_step_op, args)
     elif op == "grpo_loss":
         log_probs, old, adv, ref = loss_inputs(9, seed=7, dtype=torch.float32)

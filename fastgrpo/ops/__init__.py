@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastgrpo.ops import reference
-from fastgrpo.ops.ddim import compute_dtype, ddim_logprob_op, ddim_step_op, step_coefficients  # noqa: F401
+from fastgrpo.ops.ddim import ddim_logprob_fused, ddim_logprob_op, ddim_step_op  # noqa: F401 (custom ops)
 from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
 from fastgrpo.ops.loss import STAT_NAMES, group_advantages_op, grpo_loss_op
 
@@ -69,11 +69,8 @@ def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: 
         return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
                                       uncond_output=uncond_output, guidance_scale=guidance_scale,
                                       prediction_type=prediction_type, reduction=reduction)
-    coefficients = step_coefficients(alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type,
-                                     reduction=reduction, numel=model_output[0].numel(),
-                                     dtype=compute_dtype(model_output, uncond_output, sample, prev_sample))
-    return ddim_logprob_op(model_output, uncond_output, sample, prev_sample, *coefficients[:4],
-                           float(guidance_scale), coefficients[4], chosen)
+    return ddim_logprob_fused(model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev,
+                              float(eta), float(guidance_scale), prediction_type, reduction, chosen)
 
 
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
@@ -95,11 +92,8 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: to
         return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
                                    uncond_output=uncond_output, guidance_scale=guidance_scale,
                                    prediction_type=prediction_type, reduction=reduction)
-    coefficients = step_coefficients(alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type,
-                                     reduction=reduction, numel=model_output[0].numel(),
-                                     dtype=compute_dtype(model_output, uncond_output, sample, noise))
-    return ddim_step_op(model_output, uncond_output, sample, noise, *coefficients[:4], float(guidance_scale),
-                        coefficients[4], chosen)
+    return ddim_step_op(model_output, uncond_output, sample, noise, alpha_prod_t, alpha_prod_t_prev, float(eta),
+                        float(guidance_scale), prediction_type, reduction, chosen)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, std: str = "group",

@@ -126,13 +126,17 @@ def _notice_reference_fallback(rejected: dict[str, str]) -> None:
 def select_backend(op: str, tensor: torch.Tensor, backend: str,
                    call_rejections: dict[str, str] | None = None) -> str:
     """The backend that serves `op` for `tensor`, or BackendUnavailableError listing each rejection."""
-    return _select(op, tensor.device.type, tensor.dtype, backend, tuple(sorted((call_rejections or {}).items())))
+    rejections = tuple(sorted(call_rejections.items())) if call_rejections else ()
+    return _select(op, tensor.device.type, tensor.dtype, backend, rejections,
+                   os.environ.get("FASTGRPO_BACKEND", ""), os.environ.get("TRITON_INTERPRET", ""))
 
 
 @torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=1024)
 def _select(op: str, device_type: str, dtype: torch.dtype, backend: str,
-            call_rejections: tuple[tuple[str, str], ...]) -> str:
-    # Plain arguments and a constant result: torch.compile evaluates this once at trace time (no graph break).
+            call_rejections: tuple[tuple[str, str], ...], backend_env: str, interpret_env: str) -> str:
+    # Plain arguments and a constant result: torch.compile evaluates this once at trace time (no graph break);
+    # eager calls hit the cache (the environment variables that decide it are part of the key).
     chosen, rejected = explain(op, device_type, dtype, backend, dict(call_rejections))
     if chosen is None:
         reasons = "; ".join(f"{name}: {why}" for name, why in rejected.items())

@@ -1,6 +1,7 @@
 """Triton kernels: per-sample Gaussian log-prob of a stochastic DDIM step, classifier-free guidance folded in.
 
-The caller reduces the DDIM algebra to per-sample coefficients, so for both epsilon and v prediction
+Each program turns its sample's alpha_prod_t / alpha_prod_t_prev into DDIM coefficients (`_row_coefficients`), so
+for both epsilon and v prediction
 
     guided = uncond + g * (cond - uncond)            (cond alone without CFG)
     mean   = coef_x * x_t + coef_e * guided
@@ -22,21 +23,42 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024  # elements per program; fixed (tuning script: bench/tune_triton.py)
+LOG_SQRT_2PI = 0.9189385332046727
+
+
+@triton.jit
+def _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED: tl.constexpr, COMPUTE: tl.constexpr):
+    """(coef_x, coef_e, std) of sample `row`: mean = coef_x * x_t + coef_e * guided (DDIM eq. 12 and 16)."""
+    alpha_t = tl.load(alpha_t_ptr + row).to(COMPUTE)
+    alpha_prev = tl.load(alpha_prev_ptr + row).to(COMPUTE)
+    beta_t = 1.0 - alpha_t
+    std = eta * tl.sqrt((1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev))
+    direction = tl.sqrt(1.0 - alpha_prev - std * std)
+    sqrt_t, sqrt_prev, sqrt_beta = tl.sqrt(alpha_t), tl.sqrt(alpha_prev), tl.sqrt(beta_t)
+    if V_PRED:
+        coef_x = sqrt_prev * sqrt_t + direction * sqrt_beta
+        coef_e = direction * sqrt_t - sqrt_prev * sqrt_beta
+    else:
+        coef_x = sqrt_prev / sqrt_t
+        coef_e = direction - sqrt_prev * sqrt_beta / sqrt_t
+    return coef_x, coef_e, std
 
 
 @triton.jit
 def _ddim_logprob_fwd_kernel(
     cond_ptr, uncond_ptr, sample_ptr, target_ptr, prev_out_ptr,  # (B, N) rows; target = prev_sample or noise
-    coef_x_ptr, coef_e_ptr, std_ptr, offset_ptr,                  # (B,)
+    alpha_t_ptr, alpha_prev_ptr,                                  # (B,)
     partial_ptr, counter_ptr, out_ptr,                            # (B, MAX_CHUNKS), (B,) int32, (B,)
-    n_elements, num_chunks, guidance, scale, params_ptr,
-    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, MAX_CHUNKS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
+    n_elements, num_chunks, guidance, scale, eta, count, params_ptr,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, V_PRED: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
 ):
     if PARAMS_IN_MEMORY:  # fp64: float arguments would be rounded to fp32
         guidance = tl.load(params_ptr)
         scale = tl.load(params_ptr + 1)
+        eta = tl.load(params_ptr + 2)
     row = tl.program_id(0)
+    coef_x, coef_e, std = _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED, COMPUTE)
     chunk = tl.program_id(1)
     cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
@@ -46,10 +68,10 @@ def _ddim_logprob_fwd_kernel(
         uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         guided = uncond + guidance * (guided - uncond)
     x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    mean = tl.load(coef_x_ptr + row).to(COMPUTE) * x + tl.load(coef_e_ptr + row).to(COMPUTE) * guided
+    mean = coef_x * x + coef_e * guided
     target = tl.load(target_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     if HAS_NOISE:
-        prev = mean + tl.load(std_ptr + row).to(COMPUTE) * target
+        prev = mean + std * target
         tl.store(prev_out_ptr + offs, prev, mask=mask)  # stored in the compute dtype: logp sees this exact value
     else:
         prev = target
@@ -60,23 +82,24 @@ def _ddim_logprob_fwd_kernel(
         idx = tl.arange(0, MAX_CHUNKS)
         partials = tl.load(partial_ptr + row * MAX_CHUNKS + idx, mask=idx < num_chunks, other=0.0, volatile=True)
         total = tl.sum(partials, axis=0)
-        std = tl.load(std_ptr + row).to(COMPUTE)
-        tl.store(out_ptr + row, -scale * total / (2.0 * std * std) + tl.load(offset_ptr + row).to(COMPUTE))
+        offset = -(tl.log(std) + LOG_SQRT_2PI) * count
+        tl.store(out_ptr + row, -scale * total / (2.0 * std * std) + offset)
 
 
 @triton.jit
 def _ddim_logprob_bwd_kernel(
-    grad_out_ptr, cond_ptr, uncond_ptr, sample_ptr, prev_ptr,
-    coef_x_ptr, coef_e_ptr, std_ptr,
+    grad_out_ptr, cond_ptr, uncond_ptr, sample_ptr, prev_ptr, alpha_t_ptr, alpha_prev_ptr,
     grad_cond_ptr, grad_uncond_ptr, grad_sample_ptr, grad_prev_ptr,
-    n_elements, guidance, scale, params_ptr,
+    n_elements, guidance, scale, eta, params_ptr,
     HAS_UNCOND: tl.constexpr, GRAD_UNCOND: tl.constexpr, GRAD_SAMPLE: tl.constexpr, GRAD_PREV: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
+    V_PRED: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
 ):
     if PARAMS_IN_MEMORY:
         guidance = tl.load(params_ptr)
         scale = tl.load(params_ptr + 1)
+        eta = tl.load(params_ptr + 2)
     row = tl.program_id(0)
+    coef_x, coef_e, std = _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED, COMPUTE)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
@@ -85,10 +108,7 @@ def _ddim_logprob_bwd_kernel(
         uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         guided = uncond + guidance * (guided - uncond)
     x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    coef_x = tl.load(coef_x_ptr + row).to(COMPUTE)
-    coef_e = tl.load(coef_e_ptr + row).to(COMPUTE)
     diff = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - (coef_x * x + coef_e * guided)
-    std = tl.load(std_ptr + row).to(COMPUTE)
     d_mean = tl.load(grad_out_ptr + row).to(COMPUTE) * scale * diff / (std * std)  # d logp / d mean
     d_guided = d_mean * coef_e
     if HAS_UNCOND:
@@ -119,10 +139,10 @@ def _rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.reshape(tensor.shape[0], -1).contiguous()
 
 
-def ddim_logprob_forward(cond, uncond, sample, target, coef_x, coef_e, std, offset, *, guidance: float,
-                         scale: float, has_noise: bool, compute_dtype: torch.dtype):
-    """Launch the forward. Tensors (B, ...) of any float dtype; coefficient tensors (B,) in compute_dtype.
-    Returns (log_prob (B,), prev_sample (B, ...) or None), both in compute_dtype."""
+def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, eta: float, guidance: float,
+                         v_prediction: bool, sum_reduction: bool, has_noise: bool, compute_dtype: torch.dtype):
+    """Launch the forward. Tensors (B, ...) of any float dtype; alphas (B,). target is prev_sample, or the noise
+    when has_noise. Returns (log_prob (B,), prev_sample (B, ...) or None), both in compute_dtype."""
     batch = cond.shape[0]
     cond_rows, uncond_rows, sample_rows, target_rows = (_rows(t) for t in (cond, uncond, sample, target))
     n_elements = cond_rows.shape[1]
@@ -132,18 +152,21 @@ def ddim_logprob_forward(cond, uncond, sample, target, coef_x, coef_e, std, offs
     counter = torch.zeros((batch,), dtype=torch.int32, device=cond.device)
     out = torch.empty((batch,), dtype=compute_dtype, device=cond.device)
     prev_out = torch.empty((batch, n_elements), dtype=compute_dtype, device=cond.device) if has_noise else None
-    params, in_memory = scalar_params([guidance, scale], compute_dtype, cond.device)
+    scale = 1.0 if sum_reduction else 1.0 / n_elements
+    count = float(n_elements) if sum_reduction else 1.0
+    params, in_memory = scalar_params([guidance, scale, eta], compute_dtype, cond.device)
     _ddim_logprob_fwd_kernel[(batch, num_chunks)](
         cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows, target_rows,
-        prev_out if prev_out is not None else out, coef_x, coef_e, std, offset, partial, counter, out,
-        n_elements, num_chunks, float(guidance), float(scale), params if params is not None else out,
-        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, MAX_CHUNKS=max_chunks, BLOCK_SIZE=BLOCK,
-        COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
+        prev_out if prev_out is not None else out, alpha_t.contiguous(), alpha_prev.contiguous(), partial, counter,
+        out, n_elements, num_chunks, float(guidance), scale, float(eta), count, params if in_memory else out,
+        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, V_PRED=v_prediction, MAX_CHUNKS=max_chunks,
+        BLOCK_SIZE=BLOCK, COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
     return out, (prev_out.view(cond.shape) if prev_out is not None else None)
 
 
-def ddim_logprob_backward(grad_out, cond, uncond, sample, prev, coef_x, coef_e, std, *, guidance: float,
-                          scale: float, needs: tuple[bool, bool, bool, bool], compute_dtype: torch.dtype):
+def ddim_logprob_backward(grad_out, cond, uncond, sample, prev, alpha_t, alpha_prev, *, eta: float, guidance: float,
+                          v_prediction: bool, sum_reduction: bool, needs: tuple[bool, bool, bool, bool],
+                          compute_dtype: torch.dtype):
     """Gradients of the log-prob with respect to (cond, uncond, sample, prev); None where `needs` is False."""
     batch = cond.shape[0]
     cond_rows, uncond_rows, sample_rows, prev_rows = (_rows(t) for t in (cond, uncond, sample, prev))
@@ -154,14 +177,15 @@ def ddim_logprob_backward(grad_out, cond, uncond, sample, prev, coef_x, coef_e, 
 
     grads = [empty(True), empty(needs[1] and uncond is not None), empty(needs[2]), empty(needs[3])]
     placeholder = grads[0]
-    params, in_memory = scalar_params([guidance, scale], compute_dtype, cond.device)
+    scale = 1.0 if sum_reduction else 1.0 / n_elements
+    params, in_memory = scalar_params([guidance, scale, eta], compute_dtype, cond.device)
     _ddim_logprob_bwd_kernel[(batch, triton.cdiv(n_elements, BLOCK))](
         grad_out.contiguous(), cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows,
-        prev_rows, coef_x, coef_e, std, *(g if g is not None else placeholder for g in grads),
-        n_elements, float(guidance), float(scale), params if params is not None else placeholder,
+        prev_rows, alpha_t.contiguous(), alpha_prev.contiguous(), *(g if g is not None else placeholder for g in grads),
+        n_elements, float(guidance), scale, float(eta), params if in_memory else placeholder,
         HAS_UNCOND=uncond is not None, GRAD_UNCOND=grads[1] is not None, GRAD_SAMPLE=grads[2] is not None,
-        GRAD_PREV=grads[3] is not None, BLOCK_SIZE=BLOCK, COMPUTE=_compute_dtype(compute_dtype),
-        PARAMS_IN_MEMORY=in_memory)
+        GRAD_PREV=grads[3] is not None, V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
+        COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
     shaped = [g.view(cond.shape) if g is not None else None for g in grads]
     shaped[0] = shaped[0] if needs[0] else None
     return tuple(shaped)
