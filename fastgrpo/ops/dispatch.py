@@ -132,11 +132,16 @@ def select_backend(op: str, tensor: torch.Tensor, backend: str,
 
 
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=1024)
 def _select(op: str, device_type: str, dtype: torch.dtype, backend: str,
             call_rejections: tuple[tuple[str, str], ...], backend_env: str, interpret_env: str) -> str:
-    # Plain arguments and a constant result: torch.compile evaluates this once at trace time (no graph break);
-    # eager calls hit the cache (the environment variables that decide it are part of the key).
+    # Plain arguments and a constant result: torch.compile evaluates this once at trace time (no graph break).
+    return _select_cached(op, device_type, dtype, backend, call_rejections, backend_env, interpret_env)
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_cached(op: str, device_type: str, dtype: torch.dtype, backend: str,
+                   call_rejections: tuple[tuple[str, str], ...], backend_env: str, interpret_env: str) -> str:
+    # Eager calls hit the cache; the environment variables that decide the choice are part of the key.
     chosen, rejected = explain(op, device_type, dtype, backend, dict(call_rejections))
     if chosen is None:
         reasons = "; ".join(f"{name}: {why}" for name, why in rejected.items())
