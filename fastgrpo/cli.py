@@ -1,4 +1,4 @@
-"""`fastgrpo` command line: train, config.
+"""`fastgrpo` command line: train, config, info.
 
 User mistakes (bad config, missing files, wrong model directory) print one line `fastgrpo: error: ...` and exit 2.
 """
@@ -28,10 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("config", help="print the resolved config with a comment per field")
     _add_config_arguments(show)
     show.add_argument("--markdown", action="store_true", help="print the reference table of every key instead")
+    commands.add_parser("info", help="print which backend serves each op on each device, and why")
     return parser
 
 
 def _run(args) -> int:
+    if args.command == "info":
+        from fastgrpo.info import main as info_main
+        return info_main()
     from fastgrpo.config import load_config, render_markdown, render_yaml
 
     if args.command == "config" and args.markdown:

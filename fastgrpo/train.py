@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo.allocator import keep_freed_memory
 from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastgrpo.config import Config, config_to_dict, render_yaml
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
@@ -66,6 +67,8 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                         load_prompts(data.unsafe_prompts, data.unsafe_column),
                         data.unsafe_fraction, config.sample.prompts_per_epoch, run.seed)
     device = resolve_device(run.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(run.seed)
     models = load_diffusion_models(config.model.pretrained, device=device, revision=config.model.revision)
     reward = load_steering_reward(config.reward, device)

@@ -225,3 +225,36 @@ def test_fuzz_logprob_against_reference(batch, channels, side, guidance, eta, st
     expected = reference.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, **kwargs)
     got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, backend=backend, **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-6)
+
+
+def test_ops_import_and_run_without_trainer_dependencies():
+    """Other diffusion-RL code can use fastgrpo.ops with only torch (+ triton) installed."""
+    script = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"diffusers", "transformers", "open_clip", "deepspeed", "yaml", "PIL"}:
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+import torch
+from fastgrpo import ops
+x = torch.randn(2, 4, 3, 3)
+alphas = torch.tensor([0.5, 0.6]), torch.tensor([0.55, 0.65])
+prev, lp = ops.ddim_step(x, x, *alphas, torch.randn(2, 4, 3, 3), uncond_output=x * 0.5, guidance_scale=5.0)
+loss, stats = ops.grpo_loss(lp, lp.detach(), ops.group_advantages(torch.tensor([1.0, 2.0]), 2), clip_range=0.1)
+print("ok", tuple(prev.shape), sorted(stats))
+"""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok (2, 4, 3, 3)")
+
+
+def test_info_lists_each_op_and_reason(capsys):
+    from fastgrpo.cli import main
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for op in ("ddim_logprob", "ddim_step", "group_advantages", "grpo_loss"):
+        assert f"{op:<17} cpu   -> cpp" in out
+    assert "not triton: auto picks Triton for CUDA tensors only" in out

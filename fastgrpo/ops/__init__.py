@@ -18,7 +18,7 @@ import torch
 from fastgrpo.ops import reference
 from fastgrpo.ops.ddim import ddim_logprob_fused, ddim_logprob_op, ddim_step_op  # noqa: F401 (custom ops)
 from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
-from fastgrpo.ops.loss import STAT_NAMES, group_advantages_op, grpo_loss_op
+from fastgrpo.ops.loss import STAT_NAMES, group_advantages_fused, group_advantages_op, grpo_loss_fused, grpo_loss_op  # noqa: F401,E501
 
 __all__ = ["ddim_logprob", "ddim_step", "group_advantages", "grpo_loss", "explain", "BackendUnavailableError"]
 
@@ -118,8 +118,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, s
     chosen = select_backend("group_advantages", rewards, backend, rejections)
     if chosen == "reference":
         return reference.group_advantages(rewards, group_size, std=std, clip=clip, eps=eps, unbiased=unbiased)
-    return group_advantages_op(rewards, int(group_size), std == "global", unbiased,
-                               None if clip is None else float(clip), float(eps), chosen)
+    return group_advantages_fused(rewards, int(group_size), std == "global", unbiased,
+                                  None if clip is None else float(clip), float(eps), chosen)
 
 
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, *, clip_range: float,
@@ -140,9 +140,8 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
     if chosen == "reference":
         return reference.grpo_loss(log_probs, old_log_probs, advantages, clip_range=clip_range,
                                    ref_log_probs=ref_log_probs, kl_coef=kl_coef)
-    stats = grpo_loss_op(log_probs, old_log_probs, advantages, ref_log_probs, float(clip_range), float(kl_coef),
-                         chosen)
-    named = {name: stats[i].detach() for i, name in enumerate(STAT_NAMES[1:-1], start=1)}
-    if ref_log_probs is not None:
-        named["kl"] = stats[-1].detach()
+    stats = grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, float(clip_range), float(kl_coef),
+                            chosen)
+    values = stats.detach().unbind()
+    named = dict(zip(STAT_NAMES[1:] if ref_log_probs is not None else STAT_NAMES[1:-1], values[1:]))
     return stats[0], named

@@ -18,9 +18,7 @@ def _ready(dtype, *tensors):
     return [None if t is None else t.to(dtype).contiguous() for t in tensors]
 
 
-@torch.library.custom_op("fastgrpo::group_advantages", mutates_args=())
-def group_advantages_op(rewards: torch.Tensor, group_size: int, global_std: bool, unbiased: bool,
-                        clip: float | None, eps: float, backend: str) -> torch.Tensor:
+def _group_advantages(rewards, group_size, global_std, unbiased, clip, eps, backend):
     dtype = compute_dtype(rewards)
     if backend == "triton":
         module, _ = triton_kernels()
@@ -28,6 +26,12 @@ def group_advantages_op(rewards: torch.Tensor, group_size: int, global_std: bool
                                        eps=eps, compute_dtype=dtype)
     module, _ = cpp_kernels()
     return module.group_advantages(rewards.to(dtype).contiguous(), group_size, global_std, unbiased, clip, eps)
+
+
+@torch.library.custom_op("fastgrpo::group_advantages", mutates_args=())
+def group_advantages_op(rewards: torch.Tensor, group_size: int, global_std: bool, unbiased: bool,
+                        clip: float | None, eps: float, backend: str) -> torch.Tensor:
+    return _group_advantages(rewards, group_size, global_std, unbiased, clip, eps, backend)
 
 
 @group_advantages_op.register_fake
@@ -58,10 +62,8 @@ def _(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, 
                                                                        ref_log_probs))
 
 
-@torch.library.custom_op("fastgrpo::grpo_loss_backward", mutates_args=())
-def grpo_loss_backward_op(grad_loss: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
-                          advantages: torch.Tensor, ref_log_probs: torch.Tensor | None, clip_range: float,
-                          kl_coef: float, backend: str) -> torch.Tensor:
+def _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef,
+                        backend):
     dtype = compute_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
     if backend == "triton":
         module, _ = triton_kernels()
@@ -72,6 +74,14 @@ def grpo_loss_backward_op(grad_loss: torch.Tensor, log_probs: torch.Tensor, old_
         grad = module.grpo_loss_backward(*_ready(dtype, grad_loss, log_probs, old_log_probs, advantages,
                                                  ref_log_probs), clip_range, kl_coef)
     return grad.to(log_probs.dtype)
+
+
+@torch.library.custom_op("fastgrpo::grpo_loss_backward", mutates_args=())
+def grpo_loss_backward_op(grad_loss: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                          advantages: torch.Tensor, ref_log_probs: torch.Tensor | None, clip_range: float,
+                          kl_coef: float, backend: str) -> torch.Tensor:
+    return _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef,
+                               backend)
 
 
 @grpo_loss_backward_op.register_fake
@@ -95,3 +105,39 @@ def _loss_backward(ctx, grad_stats):
 
 
 grpo_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+# ------------------------------------------------------------------------------------------ eager fast paths
+
+
+class GrpoLossFunction(torch.autograd.Function):
+    """fastgrpo::grpo_loss without the custom-op dispatcher, for eager mode (torch.compile traces the custom op)."""
+
+    @staticmethod
+    def forward(ctx, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+        ctx.save_for_backward(log_probs, old_log_probs, advantages, ref_log_probs)
+        ctx.settings = (clip_range, kl_coef, backend)
+        return _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        log_probs, old_log_probs, advantages, ref_log_probs = ctx.saved_tensors
+        grad = _loss_backward_impl(grad_stats[0], log_probs, old_log_probs, advantages, ref_log_probs,
+                                    *ctx.settings)
+        return grad, None, None, None, None, None, None
+
+
+def grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+    args = (log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+    if torch.compiler.is_compiling():
+        return grpo_loss_op(*args)
+    return GrpoLossFunction.apply(*args)
+
+
+def group_advantages_fused(rewards, group_size, global_std, unbiased, clip, eps, backend):
+    args = (rewards, group_size, global_std, unbiased, clip, eps, backend)
+    if torch.compiler.is_compiling():
+        return group_advantages_op(*args)
+    return _group_advantages(*args)

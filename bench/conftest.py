@@ -1,0 +1,99 @@
+"""Benchmark helpers: device, timing of the comparison variants, copy bandwidth, launch counts, NVML stats.
+
+Run:  python -m pytest bench -q --benchmark-json bench/results.json
+Each benchmark times the fused op with pytest-benchmark and, in the same run, the eager and compiled references
+with `median_seconds`, and records the ratios in extra_info. On CUDA the same suite runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "0")  # benchmarks time real kernels, never the interpreter
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastgrpo.allocator import keep_freed_memory  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MALLOC_TUNED = keep_freed_memory() if DEVICE.type == "cpu" else False
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, *, min_time=0.5, min_rounds=5, warmup=2) -> float:
+    """Median wall time of fn() (synchronised), over at least min_rounds and min_time seconds."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_rounds or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(bytes_moved: int) -> float:
+    """Measured copy bandwidth in bytes/s (read + write) with the same working set as the op: a copy that moves
+    `bytes_moved` bytes in all (so a working set that spills the caches is compared with one that spills too)."""
+    src = torch.randn(max(1, bytes_moved // 8), device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src))
+
+
+def launches_per_call(fn) -> int:
+    """CUDA kernels launched by one call; on CPU the top-level operators it dispatches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    fn()
+    sync()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    events = prof.events()
+    if DEVICE.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.cpu_parent is None and not e.name.startswith(("autograd::", "[")))
+
+
+def device_info() -> dict:
+    info = {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+            "torch": torch.__version__, "malloc_tuned": MALLOC_TUNED}
+    if DEVICE.type == "cuda":
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            info.update(nvml_sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                        nvml_mem_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+                        nvml_power_w=pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                        nvml_temperature_c=pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
+        except Exception as error:  # noqa: BLE001 - NVML is optional
+            info["nvml"] = f"unavailable ({type(error).__name__})"
+    return info
+
+
+def peak_memory(fn) -> int | None:
+    """Peak device memory of one call in bytes (CUDA); None on CPU, where torch keeps no allocator statistics."""
+    if DEVICE.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
