@@ -38,6 +38,19 @@ Row row_coefficients(double alpha_t, double alpha_prev, double eta, bool v_predi
   return row;
 }
 
+// Runs fn(job, row, begin, end) for each fixed chunk of each row, in parallel; jobs are row-major.
+template <typename Fn>
+void for_each_chunk(int64_t batch, int64_t n, const Fn& fn) {
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t job = lo; job < hi; ++job) {
+      const int64_t row = job / chunks;
+      const int64_t begin = row * n + (job % chunks) * CHUNK;
+      fn(job, row, begin, std::min(begin + CHUNK, (row + 1) * n));
+    }
+  });
+}
+
 template <typename T>
 std::vector<Row> all_rows(const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta, bool v_prediction,
                           double count) {
@@ -75,15 +88,10 @@ void logprob_forward_impl(const T* c, const T* u, const T* x, const T* t, T* p, 
                           int64_t batch, int64_t n, double g, double scale, T* out) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
   std::vector<double> partial(batch * chunks, 0.0);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t job = lo; job < hi; ++job) {
-      const int64_t row = job / chunks;
-      const int64_t begin = row * n + (job % chunks) * CHUNK;
-      const int64_t end = std::min(begin + CHUNK, (row + 1) * n);
-      const Row& r = rows[row];
-      partial[job] = chunk_sum_squares<T, HAS_UNCOND, HAS_NOISE>(c, u, x, t, p, begin, end, T(r.cx), T(r.ce),
-                                                                 T(r.std), T(g));
-    }
+  for_each_chunk(batch, n, [&](int64_t job, int64_t row, int64_t begin, int64_t end) {
+    const Row& r = rows[row];
+    partial[job] = chunk_sum_squares<T, HAS_UNCOND, HAS_NOISE>(c, u, x, t, p, begin, end, T(r.cx), T(r.ce),
+                                                               T(r.std), T(g));
   });
   for (int64_t row = 0; row < batch; ++row) {
     double total = 0.0;
@@ -131,17 +139,11 @@ template <typename T, bool HAS_UNCOND, bool WRITE_UNCOND>
 void logprob_backward_impl(const T* go, const T* c, const T* u, const T* x, const T* pv, const std::vector<Row>& rows,
                            int64_t batch, int64_t n, double g, double scale, T* g_cond, T* g_uncond, T* g_sample,
                            T* g_prev) {
-  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t job = lo; job < hi; ++job) {
-      const int64_t row = job / chunks;
-      const int64_t begin = row * n + (job % chunks) * CHUNK;
-      const int64_t end = std::min(begin + CHUNK, (row + 1) * n);
-      const Row& r = rows[row];
-      const T factor = static_cast<T>(static_cast<double>(go[row]) * scale / (r.std * r.std));
-      backward_chunk<T, HAS_UNCOND, WRITE_UNCOND>(c, u, x, pv, g_cond, g_uncond, g_sample, g_prev, begin, end,
-                                                 static_cast<T>(g), T(r.cx), T(r.ce), factor);
-    }
+  for_each_chunk(batch, n, [&](int64_t, int64_t row, int64_t begin, int64_t end) {
+    const Row& r = rows[row];
+    const T factor = static_cast<T>(static_cast<double>(go[row]) * scale / (r.std * r.std));
+    backward_chunk<T, HAS_UNCOND, WRITE_UNCOND>(c, u, x, pv, g_cond, g_uncond, g_sample, g_prev, begin, end,
+                                               static_cast<T>(g), T(r.cx), T(r.ce), factor);
   });
 }
 

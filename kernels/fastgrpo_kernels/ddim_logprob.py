@@ -45,6 +45,17 @@ def _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED: tl.constexp
 
 
 @triton.jit
+def _load_mean(cond_ptr, uncond_ptr, sample_ptr, offs, mask, coef_x, coef_e, guidance, HAS_UNCOND: tl.constexpr,
+               COMPUTE: tl.constexpr):
+    """mean = coef_x * x_t + coef_e * guided for one block, guided = uncond + g * (cond - uncond)."""
+    guided = tl.load(cond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    if HAS_UNCOND:
+        uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        guided = uncond + guidance * (guided - uncond)
+    return coef_x * tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE) + coef_e * guided
+
+
+@triton.jit
 def _ddim_logprob_fwd_kernel(
     cond_ptr, uncond_ptr, sample_ptr, target_ptr, prev_out_ptr,  # (B, N) rows; target = prev_sample or noise
     alpha_t_ptr, alpha_prev_ptr,                                  # (B,)
@@ -63,12 +74,7 @@ def _ddim_logprob_fwd_kernel(
     cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
-    guided = tl.load(cond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_UNCOND:
-        uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        guided = uncond + guidance * (guided - uncond)
-    x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    mean = coef_x * x + coef_e * guided
+    mean = _load_mean(cond_ptr, uncond_ptr, sample_ptr, offs, mask, coef_x, coef_e, guidance, HAS_UNCOND, COMPUTE)
     target = tl.load(target_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     if HAS_NOISE:
         prev = mean + std * target
@@ -103,12 +109,8 @@ def _ddim_logprob_bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
-    guided = tl.load(cond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    if HAS_UNCOND:
-        uncond = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        guided = uncond + guidance * (guided - uncond)
-    x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    diff = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - (coef_x * x + coef_e * guided)
+    mean = _load_mean(cond_ptr, uncond_ptr, sample_ptr, offs, mask, coef_x, coef_e, guidance, HAS_UNCOND, COMPUTE)
+    diff = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - mean
     d_mean = tl.load(grad_out_ptr + row).to(COMPUTE) * scale * diff / (std * std)  # d logp / d mean
     d_guided = d_mean * coef_e
     if HAS_UNCOND:
