@@ -157,8 +157,8 @@ void check_inputs(const at::Tensor& cond, const std::vector<at::Tensor>& others)
 
 }  // namespace
 
-// Returns {log_prob (B,), prev_sample (B, ...) or an empty tensor}. target is prev_sample, or noise when has_noise.
-std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
+// Inputs already contiguous and of one compute type (see the public wrappers below).
+std::vector<at::Tensor> logprob_forward_prepared(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
                                              const at::Tensor& sample, const at::Tensor& target,
                                              const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
                                              double guidance, bool v_prediction, bool sum_reduction, bool has_noise) {
@@ -185,8 +185,7 @@ std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::
   return {out, prev_out};
 }
 
-// Returns {grad_cond, grad_uncond, grad_sample, grad_prev}; an unrequested gradient is an empty tensor.
-std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const at::Tensor& cond,
+std::vector<at::Tensor> logprob_backward_prepared(const at::Tensor& grad_out, const at::Tensor& cond,
                                               const c10::optional<at::Tensor>& uncond, const at::Tensor& sample,
                                               const at::Tensor& prev, const at::Tensor& alpha_t,
                                               const at::Tensor& alpha_prev, double eta, double guidance,
@@ -215,6 +214,51 @@ std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const 
     else if (u) run(std::true_type{}, std::false_type{});
     else run(std::false_type{}, std::false_type{});
   });
+  return grads;
+}
+
+at::ScalarType compute_type(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    if (t && t->scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+at::Tensor ready(const at::Tensor& t, at::ScalarType type) { return t.to(type).contiguous(); }
+
+c10::optional<at::Tensor> ready(const c10::optional<at::Tensor>& t, at::ScalarType type) {
+  return t.has_value() ? c10::optional<at::Tensor>(ready(*t, type)) : c10::nullopt;
+}
+
+// Returns {log_prob (B,), prev_sample (B, ...) or an empty tensor}, in fp32 (fp64 when an input is fp64).
+// target is prev_sample, or the noise when has_noise. Inputs of any float dtype and layout.
+std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
+                                             const at::Tensor& sample, const at::Tensor& target,
+                                             const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
+                                             double guidance, bool v_prediction, bool sum_reduction, bool has_noise) {
+  const auto type = compute_type({&cond, uncond.has_value() ? &*uncond : nullptr, &sample, &target});
+  return logprob_forward_prepared(ready(cond, type), ready(uncond, type), ready(sample, type), ready(target, type),
+                                  ready(alpha_t, type), ready(alpha_prev, type), eta, guidance, v_prediction,
+                                  sum_reduction, has_noise);
+}
+
+// Returns {grad_cond, grad_uncond, grad_sample, grad_prev}, each in its input's dtype; an unrequested gradient is
+// an empty tensor.
+std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const at::Tensor& cond,
+                                              const c10::optional<at::Tensor>& uncond, const at::Tensor& sample,
+                                              const at::Tensor& prev, const at::Tensor& alpha_t,
+                                              const at::Tensor& alpha_prev, double eta, double guidance,
+                                              bool v_prediction, bool sum_reduction, bool need_uncond,
+                                              bool need_sample, bool need_prev) {
+  const auto type = compute_type({&cond, uncond.has_value() ? &*uncond : nullptr, &sample, &prev});
+  auto grads = logprob_backward_prepared(ready(grad_out, type), ready(cond, type), ready(uncond, type),
+                                         ready(sample, type), ready(prev, type), ready(alpha_t, type),
+                                         ready(alpha_prev, type), eta, guidance, v_prediction, sum_reduction,
+                                         need_uncond, need_sample, need_prev);
+  const at::Tensor* inputs[4] = {&cond, uncond.has_value() ? &*uncond : nullptr, &sample, &prev};
+  for (int k = 0; k < 4; ++k) {
+    if (inputs[k] && grads[k].numel()) grads[k] = grads[k].to(inputs[k]->scalar_type());
+  }
   return grads;
 }
 

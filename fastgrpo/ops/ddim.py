@@ -43,37 +43,38 @@ def _ready(dtype, *tensors):
 
 def _forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev, eta, guidance_scale,
              prediction_type, reduction, has_noise, backend):
-    dtype = compute_dtype(model_output, uncond_output, sample, target)
     v_prediction, sum_reduction = prediction_type == "v_prediction", reduction == "sum"
+    if backend == "cpp":  # converts dtypes and layouts itself
+        log_prob, prev = cpp_kernels()[0].ddim_logprob_forward(model_output, uncond_output, sample, target, alpha_t,
+                                                               alpha_prev, eta, guidance_scale, v_prediction,
+                                                               sum_reduction, has_noise)
+        return log_prob, (prev if has_noise else None)
+    dtype = compute_dtype(model_output, uncond_output, sample, target)
     alpha_t, alpha_prev = _ready(dtype, alpha_t, alpha_prev)
-    if backend == "triton":
-        module, _ = triton_kernels()
-        return module.ddim_logprob_forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev,
-                                           eta=eta, guidance=guidance_scale, v_prediction=v_prediction,
-                                           sum_reduction=sum_reduction, has_noise=has_noise, compute_dtype=dtype)
-    module, _ = cpp_kernels()
-    log_prob, prev = module.ddim_logprob_forward(*_ready(dtype, model_output, uncond_output, sample, target),
-                                                 alpha_t, alpha_prev, eta, guidance_scale, v_prediction,
-                                                 sum_reduction, has_noise)
-    return log_prob, (prev.view(model_output.shape) if has_noise else None)
+    return triton_kernels()[0].ddim_logprob_forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev,
+                                                    eta=eta, guidance=guidance_scale, v_prediction=v_prediction,
+                                                    sum_reduction=sum_reduction, has_noise=has_noise,
+                                                    compute_dtype=dtype)
 
 
 def _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
               prediction_type, reduction, needs, backend):
-    dtype = compute_dtype(model_output, uncond_output, sample, prev_sample)
+    """Gradients for (model_output, uncond_output, sample, prev_sample) in their own dtypes; None where not needed."""
     v_prediction, sum_reduction = prediction_type == "v_prediction", reduction == "sum"
+    if backend == "cpp":
+        grads = cpp_kernels()[0].ddim_logprob_backward(grad_out, model_output, uncond_output, sample, prev_sample,
+                                                       alpha_t, alpha_prev, eta, guidance_scale, v_prediction,
+                                                       sum_reduction, needs[1], needs[2], needs[3])
+        return tuple(g if g.numel() and need else None for g, need in zip(grads, needs))
+    dtype = compute_dtype(model_output, uncond_output, sample, prev_sample)
     alpha_t, alpha_prev = _ready(dtype, alpha_t, alpha_prev)
-    if backend == "triton":
-        module, _ = triton_kernels()
-        return module.ddim_logprob_backward(grad_out.to(dtype), model_output, uncond_output, sample, prev_sample,
-                                            alpha_t, alpha_prev, eta=eta, guidance=guidance_scale,
-                                            v_prediction=v_prediction, sum_reduction=sum_reduction,
-                                            needs=tuple(needs), compute_dtype=dtype)
-    module, _ = cpp_kernels()
-    grads = module.ddim_logprob_backward(
-        *_ready(dtype, grad_out, model_output, uncond_output, sample, prev_sample), alpha_t, alpha_prev, eta,
-        guidance_scale, v_prediction, sum_reduction, needs[1], needs[2], needs[3])
-    return tuple(g.view(model_output.shape) if g.numel() else None for g in grads)
+    grads = triton_kernels()[0].ddim_logprob_backward(grad_out.to(dtype), model_output, uncond_output, sample,
+                                                      prev_sample, alpha_t, alpha_prev, eta=eta,
+                                                      guidance=guidance_scale, v_prediction=v_prediction,
+                                                      sum_reduction=sum_reduction, needs=tuple(needs),
+                                                      compute_dtype=dtype)
+    inputs = (model_output, uncond_output, sample, prev_sample)
+    return tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, inputs))
 
 
 # ------------------------------------------------------------------------------------------ fastgrpo::ddim_logprob
@@ -103,9 +104,7 @@ def ddim_logprob_backward_op(grad_out: torch.Tensor, model_output: torch.Tensor,
                              backend: str) -> list[torch.Tensor]:
     grads = _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev,
                       eta, guidance_scale, prediction_type, reduction, needs, backend)
-    inputs = (model_output, uncond_output, sample, prev_sample)
-    return [g.to(x.dtype) if g is not None and need else model_output.new_empty((0,))
-            for g, x, need in zip(grads, inputs, needs)]
+    return [g if g is not None and need else model_output.new_empty((0,)) for g, need in zip(grads, needs)]
 
 
 @ddim_logprob_backward_op.register_fake
@@ -215,8 +214,6 @@ class DdimLogprobFunction(torch.autograd.Function):
         eta, guidance_scale, prediction_type, reduction, backend = ctx.settings
         grads = _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta,
                           guidance_scale, prediction_type, reduction, needs, backend)
-        inputs = (model_output, uncond_output, sample, prev_sample)
-        grads = [g.to(x.dtype) if need else None for g, x, need in zip(grads, inputs, needs)]
         return (*grads, None, None, None, None, None, None, None)
 
 
