@@ -18,7 +18,6 @@ import torch
 from fastgrpo.errors import FastGRPOError
 
 STATE_FILE = "trainer_state.pt"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 _NAME = re.compile(r"^epoch_(\d+)$")
 
 
@@ -54,27 +53,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str | Path, epoch: int, unet: torch.nn.Module, trainer_state: dict,
-                    keep_last: int) -> Path:
-    """Write checkpoint `epoch` atomically, then delete all but the newest `keep_last`."""
+def save_checkpoint(output_dir: str | Path, epoch: int, engine, trainer_state: dict, keep_last: int) -> Path:
+    """Write checkpoint `epoch` atomically (every rank takes part), then keep only the newest `keep_last`."""
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch_{epoch}"
     staging = root / f".epoch_{epoch}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    unet.save_pretrained(staging / "unet", safe_serialization=True)
-    torch.save({**trainer_state, "epoch": epoch, "rng": rng_state()}, staging / STATE_FILE)
+    if engine.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    engine.barrier()
+    engine.save_state(staging)
+    with engine.full_model() as unet:
+        if engine.is_main:
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+    if engine.is_main:
+        torch.save({**trainer_state, "epoch": epoch, "engine": engine.state_dict(), "rng": rng_state()},
+                   staging / STATE_FILE)
+        _replace_dir(staging, final)
+        for _, old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
+    return final
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
     if final.exists():
-        stale = root / f".epoch_{epoch}.stale"
+        stale = final.parent / f".{final.name}.stale"
         shutil.rmtree(stale, ignore_errors=True)
         os.replace(final, stale)
         os.replace(staging, final)
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(staging, final)
-    for _, old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
@@ -92,12 +102,9 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, unet: torch.nn.Module) -> dict:
-    """Load the UNet weights in place (exact fp32 values) and return the trainer state (RNG states restored)."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "unet" / WEIGHTS_FILE), device=str(next(unet.parameters()).device))
-    unet.load_state_dict(weights, strict=True)
+def load_checkpoint(path: Path, engine) -> dict:
+    """Restore weights, optimiser and schedule through the engine; returns the trainer state (RNG states restored)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    engine.load_state(path, state)
     set_rng_state(state["rng"])
     return state

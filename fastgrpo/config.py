@@ -97,6 +97,18 @@ class TrainConfig:
 
 
 @dataclass
+class EngineConfig:
+    deepspeed: str | None = doc("DeepSpeed ZeRO config: zero1, zero2, zero3 (packaged) or a JSON path; null = one "
+                                "process, plain PyTorch", None)
+    mixed_precision: str = doc("'no' (fp32), 'bf16', or 'fp16' (DeepSpeed only: loss scaling) for the UNet and the "
+                               "frozen models; trajectories and log-prob math stay fp32", "no",
+                               choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = doc("Recompute UNet activations in the backward pass to save memory", False)
+    attention: str = doc("UNet attention: 'sdpa' (PyTorch) or 'xformers' (CUDA only; falls back to SDPA with a "
+                         "notice)", "sdpa", choices=("sdpa", "xformers"))
+
+
+@dataclass
 class RunConfig:
     epochs: int = doc("Number of epochs (rollout + reward + update each)", 100)
     seed: int = doc("Seed for prompts, noise, timestep subsets and minibatch order", 0)
@@ -117,6 +129,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -240,9 +253,18 @@ def _check_choices(section, prefix: str) -> None:
             raise ConfigError(f"{prefix}.{f.name} must be finite, got {value}")
 
 
+def validate_world_size(config: Config, world_size: int) -> None:
+    """With several ranks, every optimiser step's samples must split evenly over ranks and micro-batches."""
+    samples = config.sample.prompts_per_epoch * config.sample.group_size
+    per_step, batch = config.train.samples_per_step, config.train.batch_size
+    _require(world_size == 1 or (samples % per_step == 0 and per_step % (world_size * batch) == 0),
+             f"with {world_size} ranks, samples per epoch ({samples}) must be a multiple of train.samples_per_step "
+             f"({per_step}), itself a multiple of ranks x train.batch_size ({world_size} x {batch})")
+
+
 def validate(config: Config) -> None:
     """Reject impossible values with a one-line ConfigError."""
-    for name in ("model", "data", "sample", "reward", "train", "run"):
+    for name in ("model", "data", "sample", "reward", "train", "engine", "run"):
         _check_choices(getattr(config, name), name)
     s, t, r, run, d = config.sample, config.train, config.reward, config.run, config.data
     _require(s.group_size >= 2, f"sample.group_size must be >= 2 (group advantages need 2+ samples), got {s.group_size}")
@@ -269,6 +291,8 @@ def validate(config: Config) -> None:
     _require(r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
     _require(r.alpha == 0 or (r.safe_anchors and r.unsafe_anchors),
              "reward.safe_anchors and reward.unsafe_anchors must be non-empty when reward.alpha != 0")
+    _require(config.engine.mixed_precision != "fp16" or config.engine.deepspeed is not None,
+             "engine.mixed_precision=fp16 needs engine.deepspeed (fp16 training needs DeepSpeed's loss scaling)")
     _require(run.epochs >= 1, f"run.epochs must be >= 1, got {run.epochs}")
     _require(run.save_every >= 1, f"run.save_every must be >= 1, got {run.save_every}")
     _require(run.keep_last >= 1, f"run.keep_last must be >= 1, got {run.keep_last}")

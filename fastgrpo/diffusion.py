@@ -56,6 +56,7 @@ class Guidance:
     guidance_scale: float
     prediction_type: str
     backend: str = "auto"
+    autocast_bf16: bool = False  # run the UNet under bf16 autocast (fp32 master weights)
 
     @property
     def uses_cfg(self) -> bool:
@@ -68,11 +69,13 @@ def unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance:
     latents (B, C, H, W), timesteps (B,), cond_embeds and uncond_embeds (B, L, D).
     """
     dtype = unet.dtype
-    if not guidance.uses_cfg:
-        return unet(latents.to(dtype), timesteps, encoder_hidden_states=cond_embeds.to(dtype)).sample.float(), None
-    model_input = torch.cat([latents, latents]).to(dtype)                     # (2B, C, H, W)
-    embeds = torch.cat([uncond_embeds, cond_embeds]).to(dtype)                # (2B, L, D)
-    output = unet(model_input, torch.cat([timesteps, timesteps]), encoder_hidden_states=embeds).sample.float()
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=guidance.autocast_bf16):
+        if not guidance.uses_cfg:
+            output = unet(latents.to(dtype), timesteps, encoder_hidden_states=cond_embeds.to(dtype)).sample
+            return output.float(), None
+        model_input = torch.cat([latents, latents]).to(dtype)                     # (2B, C, H, W)
+        embeds = torch.cat([uncond_embeds, cond_embeds]).to(dtype)                # (2B, L, D)
+        output = unet(model_input, torch.cat([timesteps, timesteps]), encoder_hidden_states=embeds).sample.float()
     uncond, cond = output.chunk(2)
     return cond, uncond
 

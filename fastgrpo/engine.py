@@ -6,6 +6,8 @@ the same methods.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -29,7 +31,8 @@ class SingleProcessEngine:
                                                               warmup_schedule(train_config.warmup_steps))
         self.max_grad_norm = train_config.max_grad_norm
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
+        """Accumulate gradients of `loss`; is_last marks the final micro-batch before `step`."""
         loss.backward()
 
     def step(self) -> torch.Tensor:
@@ -46,11 +49,40 @@ class SingleProcessEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
+        """(world_size, *shape): every rank's tensor, in rank order."""
+        return tensor.unsqueeze(0)
+
+    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Statistics of one optimiser step combined over ranks (mean; min/max for ratio_min/ratio_max)."""
+        return stats
+
+    def barrier(self) -> None:
+        pass
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimiser state (once the state exists)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = [t for p in params for t in self.optimizer.state.get(p, {}).values() if torch.is_tensor(t)]
+        return {"param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                "grad_bytes": sum(p.numel() * p.element_size() for p in params),
+                "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state)}
+
+    @contextlib.contextmanager
+    def full_model(self):
+        yield self.model
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    def save_state(self, directory) -> None:
+        pass  # everything is in state_dict(), stored in trainer_state.pt
+
+    def load_state(self, directory, state: dict) -> None:
+        """Restore weights (exact fp32 values), optimiser and schedule from a checkpoint directory."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(directory / "unet" / "diffusion_pytorch_model.safetensors"),
+                            device=str(next(self.model.parameters()).device))
+        self.model.load_state_dict(weights, strict=True)
+        self.optimizer.load_state_dict(state["engine"]["optimizer"])
+        self.lr_scheduler.load_state_dict(state["engine"]["lr_scheduler"])

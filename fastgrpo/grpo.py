@@ -42,6 +42,17 @@ def plan_update(samples: torch.Tensor, num_steps: int, timestep_fraction: float,
     return UpdatePlan(order, steps)
 
 
+def shard_plan(plan: UpdatePlan, rank: int, world_size: int, samples_per_step: int) -> UpdatePlan:
+    """This rank's share of a global plan: the rank-th of world_size equal slices of every optimiser step's chunk.
+
+    A rank rolls out and trains exactly these samples, so each optimiser step covers the same samples and timesteps
+    whatever the world size (samples_per_step must be a multiple of world_size).
+    """
+    positions = torch.arange(plan.order.shape[0])
+    mine = (positions % samples_per_step) // (samples_per_step // world_size) == rank
+    return UpdatePlan(plan.order[mine], plan.steps[mine])
+
+
 @dataclass(frozen=True)
 class LossSettings:
     clip_range: float
@@ -99,8 +110,8 @@ def policy_update(engine, log_prob_fn: LogProbFn, ref_log_prob_fn: LogProbFn | N
             value, loss_stats = ops.grpo_loss(
                 log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
                 clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend)
-            engine.backward(value / len(micro_batches))
+            engine.backward(value / len(micro_batches), is_last=(rows, k) == micro_batches[-1])
             stats.add(value, loss_stats)
         learning_rate = engine.learning_rate
         grad_norm = engine.step()
-        yield {**stats.result(), "grad_norm": float(grad_norm), "lr": learning_rate}
+        yield {**engine.reduce_stats(stats.result()), "grad_norm": float(grad_norm), "lr": learning_rate}

@@ -65,8 +65,9 @@ def _quiet_hub_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_diffusion_models(pretrained: str, *, device: torch.device, revision: str | None = None) -> DiffusionModels:
-    """Load UNet (trainable, fp32), VAE and text encoder (frozen, eval) and a DDIM scheduler from `pretrained`.
+def load_diffusion_models(pretrained: str, *, device: torch.device, revision: str | None = None,
+                          frozen_dtype: torch.dtype = torch.float32) -> DiffusionModels:
+    """Load UNet (trainable, fp32), VAE and text encoder (frozen, eval, in `frozen_dtype`) and a DDIM scheduler.
 
     The scheduler has clip_sample and thresholding off, as diffusers' StableDiffusionPipeline sets for SD v1.x.
     """
@@ -89,7 +90,36 @@ def load_diffusion_models(pretrained: str, *, device: torch.device, revision: st
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
     unet.requires_grad_(True).train()
-    return DiffusionModels(unet.to(device), vae.to(device), text_encoder.to(device), tokenizer, scheduler, source)
+    return DiffusionModels(unet.to(device), vae.to(device, frozen_dtype), text_encoder.to(device, frozen_dtype),
+                           tokenizer, scheduler, source)
+
+
+def xformers_unavailable(device: torch.device) -> str | None:
+    """None when xformers attention runs on `device`, else why not."""
+    if device.type != "cuda":
+        return f"it has no kernels for {device.type} tensors"
+    try:
+        import xformers.ops
+        q = torch.zeros(1, 8, 1, 64, device=device, dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as error:  # noqa: BLE001 - an install built for another torch fails in many ways
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'cannot run'}"
+    return None
+
+
+def configure_unet(unet: torch.nn.Module, *, attention: str, gradient_checkpointing: bool) -> str:
+    """Attention backend and activation checkpointing; returns the attention backend in use."""
+    import sys
+
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if attention == "xformers":
+        reason = xformers_unavailable(next(unet.parameters()).device)
+        if reason is None:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        print(f"fastgrpo: xformers attention unavailable ({reason}); using PyTorch SDPA", file=sys.stderr)
+    return "sdpa"
 
 
 @torch.no_grad()

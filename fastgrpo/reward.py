@@ -163,7 +163,7 @@ class SteeringReward:
         return (self.image_embeddings(images) * targets).sum(dim=-1)
 
 
-def load_steering_reward(config, device: torch.device) -> SteeringReward:
+def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torch.float32) -> SteeringReward:
     """SteeringReward from a RewardConfig ('builtin:tiny-random' = the tiny random open_clip model)."""
     clip_model, checkpoint = config.clip_model, config.clip_checkpoint
     if clip_model == "builtin:tiny-random":
@@ -171,5 +171,6 @@ def load_steering_reward(config, device: torch.device) -> SteeringReward:
         clip_model = str(tiny_random_dir() / "clip" / "tiny-clip.json")
         checkpoint = checkpoint or str(tiny_random_dir() / "clip" / "tiny-clip.pt")
     model, tokenizer = load_open_clip(clip_model, checkpoint, device)
+    model.to(dtype)
     return SteeringReward(model, tokenizer, alpha=config.alpha, mode=config.mode, safe_anchors=config.safe_anchors,
                           unsafe_anchors=config.unsafe_anchors, batch_size=config.batch_size)

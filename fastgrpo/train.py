@@ -20,13 +20,13 @@ import torch
 
 from fastgrpo.allocator import keep_freed_memory
 from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from fastgrpo.config import Config, config_to_dict, render_yaml
+from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.errors import ConfigError
-from fastgrpo.grpo import LossSettings, epoch_advantages, plan_update, policy_update
+from fastgrpo.grpo import LossSettings, UpdatePlan, epoch_advantages, plan_update, policy_update, shard_plan
 from fastgrpo.metrics import MetricsWriter, save_image_grid
-from fastgrpo.models import DiffusionModels, encode_prompts, load_diffusion_models
+from fastgrpo.models import DiffusionModels, configure_unet, encode_prompts, load_diffusion_models
 from fastgrpo.prompts import PromptMixer, load_prompts
 from fastgrpo.reward import SteeringReward, load_steering_reward
 from fastgrpo.rng import generator
@@ -48,7 +48,7 @@ class Session:
     device: torch.device
     models: DiffusionModels
     reward: SteeringReward
-    engine: SingleProcessEngine
+    engine: object  # SingleProcessEngine or DeepSpeedEngine
     ref_unet: torch.nn.Module | None
     mixer: PromptMixer
     schedule: DDIMSchedule
@@ -56,6 +56,31 @@ class Session:
     rollout: RolloutSettings
     uncond_embed: torch.Tensor  # (1, L, D)
     output_dir: Path
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.engine.model
+
+
+def _start_distributed(config: Config) -> int:
+    """World size; with engine.deepspeed, torch.distributed is initialised through DeepSpeed first."""
+    if config.engine.deepspeed is None:
+        return 1
+    from fastgrpo.engine_deepspeed import init_distributed
+    init_distributed()
+    return torch.distributed.get_world_size()
+
+
+def _build_engine(config: Config, unet: torch.nn.Module, world_size: int):
+    if config.engine.deepspeed is None:
+        return SingleProcessEngine(unet, config.train)
+    from fastgrpo.engine_deepspeed import DeepSpeedEngine, read_deepspeed_config
+
+    t, s = config.train, config.sample
+    trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
+    micro_batches = max(1, t.samples_per_step // world_size // t.batch_size) * trained_steps
+    return DeepSpeedEngine(unet, t, read_deepspeed_config(config.engine.deepspeed, config.engine.mixed_precision),
+                           micro_batches)
 
 
 def prepare(config: Config) -> tuple[Session, int, int]:
@@ -67,23 +92,30 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                         load_prompts(data.unsafe_prompts, data.unsafe_column),
                         data.unsafe_fraction, config.sample.prompts_per_epoch, run.seed)
     device = resolve_device(run.device)
+    world_size = _start_distributed(config)
+    validate_world_size(config, world_size)
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(run.seed)
-    models = load_diffusion_models(config.model.pretrained, device=device, revision=config.model.revision)
-    reward = load_steering_reward(config.reward, device)
+    models = load_diffusion_models(config.model.pretrained, device=device, revision=config.model.revision,
+                                   frozen_dtype=torch.float32 if config.engine.mixed_precision == "no" else
+                                   torch.bfloat16 if config.engine.mixed_precision == "bf16" else torch.float16)
+    configure_unet(models.unet, attention=config.engine.attention,
+                   gradient_checkpointing=config.engine.gradient_checkpointing)
+    reward = load_steering_reward(config.reward, device, dtype=models.vae.dtype)
     ref_unet = copy.deepcopy(models.unet).requires_grad_(False) if config.train.kl_coef > 0 else None
-    engine = SingleProcessEngine(models.unet, config.train)
+    engine = _build_engine(config, models.unet, world_size)
     start_epoch, global_step = 0, 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, models.unet)
-        engine.load_state_dict(state["engine"])
+        state = load_checkpoint(checkpoint, engine)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
     sample = config.sample
+    autocast = config.engine.mixed_precision == "bf16" and config.engine.deepspeed is None
     session = Session(
         config=config, device=device, models=models, reward=reward, engine=engine, ref_unet=ref_unet, mixer=mixer,
         schedule=DDIMSchedule.from_scheduler(models.scheduler, sample.num_steps, device),
-        guidance=Guidance(sample.eta, sample.guidance_scale, models.prediction_type, config.train.ops_backend),
+        guidance=Guidance(sample.eta, sample.guidance_scale, models.prediction_type, config.train.ops_backend,
+                          autocast),
         rollout=RolloutSettings(models.latent_shape(sample.resolution), sample.group_size, sample.batch_size,
                                 sample.same_noise_per_group, run.seed),
         uncond_embed=encode_prompts(models, [""]), output_dir=output_dir)
@@ -95,39 +127,60 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rollout_epoch(s: Session, epoch: int):
-    """Prompts, trajectories and rewards of one epoch. Returns (trajectories, prompt_embeds, rewards, is_unsafe)."""
-    group = s.config.sample.group_size
+@dataclass
+class EpochBatch:
+    """One epoch's samples as this rank sees them."""
+
+    prompts: list[str]              # unique prompt texts of the epoch (all ranks)
+    prompt_embeds: torch.Tensor     # (U, L, D)
+    sample_prompt: torch.Tensor     # (N,) global: row of prompt_embeds for each global sample
+    is_unsafe: torch.Tensor         # (N,) global
+    shard: UpdatePlan               # this rank's samples (global ids, in plan order) and their trained steps
+
+
+def epoch_batch(s: Session, epoch: int) -> EpochBatch:
+    """The epoch's prompts and the global update plan, and this rank's share of it (see grpo.shard_plan)."""
+    group, t = s.config.sample.group_size, s.config.train
     batch = s.mixer.epoch(epoch)
     unique = list(dict.fromkeys(batch.prompts))
     row = {prompt: i for i, prompt in enumerate(unique)}
-    prompt_embeds = encode_prompts(s.models, unique)                                          # (U, L, D)
-    sample_prompt = torch.tensor([row[p] for p in batch.prompts]).repeat_interleave(group).to(s.device)  # (N,)
-    sample_ids = torch.arange(sample_prompt.shape[0], device=s.device)
-    s.models.unet.eval()
-    trajectories = sample_trajectories(s.models.unet, s.models.vae, s.schedule, prompt_embeds, s.uncond_embed,
-                                       sample_prompt, sample_ids, s.guidance, s.rollout, epoch)
-    _sync(s.device)
-    return trajectories, prompt_embeds, unique, batch.is_unsafe.repeat_interleave(group).to(s.device)
+    sample_prompt = torch.tensor([row[p] for p in batch.prompts]).repeat_interleave(group)      # (N,)
+    plan = plan_update(torch.arange(sample_prompt.shape[0]), s.schedule.num_steps, t.timestep_fraction,
+                       generator(s.config.run.seed, "plan", epoch, 0))
+    shard = shard_plan(plan, s.engine.rank, s.engine.world_size, t.samples_per_step)
+    return EpochBatch(unique, encode_prompts(s.models, unique), sample_prompt.to(s.device),
+                      batch.is_unsafe.repeat_interleave(group).to(s.device), shard)
 
 
-def update_epoch(s: Session, epoch: int, trajectories, prompt_embeds, advantages, keep):
-    """The inner epochs of clipped-ratio updates; yields each optimiser step's statistics."""
+def gather_rewards(s: Session, sample_ids: torch.Tensor, rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """(N,) rewards of every rank's samples, indexed by global sample id."""
+    ids = s.engine.all_gather(sample_ids.to(s.device)).flatten()
+    values = s.engine.all_gather(rewards).flatten()
+    return torch.empty(num_samples, dtype=values.dtype, device=s.device).index_copy_(0, ids, values)
+
+
+def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advantages, keep):
+    """The inner epochs of clipped-ratio updates on this rank's samples; yields each optimiser step's statistics.
+
+    advantages, keep: (M,) for this rank's samples (trajectory order)."""
     t = s.config.train
-    s.models.unet.train()
+    s.unet.train()
 
     def log_prob_fn(unet):
-        return lambda samples, steps: recompute_log_probs(unet, trajectories, prompt_embeds, s.uncond_embed,
+        return lambda samples, steps: recompute_log_probs(unet, trajectories, batch.prompt_embeds, s.uncond_embed,
                                                           s.schedule, s.guidance, samples, steps)
 
     ref_fn = log_prob_fn(s.ref_unet) if s.ref_unet is not None else None
-    trained = torch.nonzero(keep.cpu()).squeeze(1)
+    kept = torch.nonzero(keep.cpu()).squeeze(1)
     for inner in range(t.num_inner_epochs):
-        plan = plan_update(trained, s.schedule.num_steps, t.timestep_fraction, generator(s.config.run.seed, "plan",
-                                                                                          epoch, inner))
+        if inner == 0:  # the global plan: the same samples and steps per optimiser step at any world size
+            plan = UpdatePlan(kept, batch.shard.steps[kept])
+        else:
+            plan = plan_update(kept, s.schedule.num_steps, t.timestep_fraction,
+                               generator(s.config.run.seed, "plan", epoch, inner, s.engine.rank))
         plan.order, plan.steps = plan.order.to(s.device), plan.steps.to(s.device)
-        yield from policy_update(s.engine, log_prob_fn(s.models.unet), ref_fn, trajectories.log_probs, advantages,
-                                 plan, batch_size=t.batch_size, samples_per_step=t.samples_per_step,
+        yield from policy_update(s.engine, log_prob_fn(s.unet), ref_fn, trajectories.log_probs, advantages, plan,
+                                 batch_size=t.batch_size, samples_per_step=t.samples_per_step // s.engine.world_size,
                                  loss=LossSettings(t.clip_range, t.kl_coef, t.ops_backend))
 
 
@@ -135,55 +188,82 @@ def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> float | None:
     return float(values[mask].mean()) if bool(mask.any()) else None
 
 
-def run_epoch(s: Session, epoch: int, global_step: int, writer: MetricsWriter) -> tuple[dict, int]:
+def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, int]:
     """One epoch end to end; writes its step lines, returns (epoch record, global step)."""
     t0 = time.perf_counter()
-    trajectories, prompt_embeds, prompts, is_unsafe = rollout_epoch(s, epoch)
+    batch = epoch_batch(s, epoch)
+    sample_ids = batch.shard.order.to(s.device)                                               # (M,) global ids
+    s.unet.eval()
+    trajectories = sample_trajectories(s.unet, s.models.vae, s.schedule, batch.prompt_embeds, s.uncond_embed,
+                                       batch.sample_prompt[sample_ids], sample_ids, s.guidance, s.rollout, epoch)
+    _sync(s.device)
     t1 = time.perf_counter()
-    rewards = s.reward(trajectories.images, prompts, trajectories.prompt_index)
+    local_rewards = s.reward(trajectories.images, batch.prompts, trajectories.prompt_index)
+    rewards = gather_rewards(s, sample_ids, local_rewards, batch.sample_prompt.shape[0])        # (N,)
     _sync(s.device)
     t2 = time.perf_counter()
     t = s.config.train
     advantages, keep = epoch_advantages(rewards, s.config.sample.group_size, std=t.adv_std, clip=t.adv_clip_max,
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
-    for stats in update_epoch(s, epoch, trajectories, prompt_embeds, advantages, keep):
+    for stats in update_epoch(s, epoch, trajectories, batch, advantages[sample_ids], keep[sample_ids]):
         global_step += 1
         writer.log({"epoch": epoch, "step": global_step, **stats}, kind="train")
     _sync(s.device)
     t3 = time.perf_counter()
     record = {"epoch": epoch, "step": global_step, "reward_mean": float(rewards.mean()),
-              "reward_std": float(rewards.std()), "reward_mean_safe": _mean_where(rewards, ~is_unsafe),
-              "reward_mean_unsafe": _mean_where(rewards, is_unsafe), "num_samples": int(rewards.shape[0]),
+              "reward_std": float(rewards.std()), "reward_mean_safe": _mean_where(rewards, ~batch.is_unsafe),
+              "reward_mean_unsafe": _mean_where(rewards, batch.is_unsafe), "num_samples": int(rewards.shape[0]),
               "num_trained_samples": int(keep.sum()), "rollout_s": t1 - t0, "reward_s": t2 - t1, "train_s": t3 - t2}
     writer.log(record, kind="epoch")
-    count = s.config.run.num_sample_images
-    if count:
-        group = s.config.sample.group_size
-        picks = trajectories.images[::group][:count] if len(prompts) >= count else trajectories.images[:count]
-        save_image_grid(picks, s.output_dir / "samples" / f"epoch_{epoch:04d}.png")
+    if s.config.run.num_sample_images and s.engine.is_main:
+        order = sample_ids.argsort()[:s.config.run.num_sample_images]   # this rank's samples, by global id
+        save_image_grid(trajectories.images[order], s.output_dir / "samples" / f"epoch_{epoch:04d}.png")
     return record, global_step
+
+
+def log_memory(s: Session, epoch: int, global_step: int, writer) -> None:
+    """One line per rank with the bytes it holds for parameters, gradients and optimiser state."""
+    report = s.engine.memory_report()
+    names = sorted(report)
+    table = s.engine.all_gather(torch.tensor([report[n] for n in names], dtype=torch.float64, device=s.device))
+    for rank, values in enumerate(table.tolist()):
+        writer.log({"epoch": epoch, "step": global_step, "rank": rank, **{n: int(v) for n, v in zip(names, values)}},
+                   kind="memory")
+
+
+class _NoWriter:
+    """Ranks other than 0 write no logs."""
+
+    def log(self, record: dict, *, kind: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(config: Config) -> Path:
     """Run (or resume) training as configured; returns the output directory."""
     session, start_epoch, global_step = prepare(config)
-    output_dir = session.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(render_yaml(config), encoding="utf-8")
-    writer = MetricsWriter(output_dir, tensorboard=config.run.tensorboard,
-                           resume_epoch=start_epoch if config.run.resume else None)
+    output_dir, main_rank = session.output_dir, session.engine.is_main
+    writer = _NoWriter()
+    if main_rank:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(render_yaml(config), encoding="utf-8")
+        writer = MetricsWriter(output_dir, tensorboard=config.run.tensorboard,
+                               resume_epoch=start_epoch if config.run.resume else None)
     from tqdm.auto import tqdm
 
     progress = tqdm(range(start_epoch, config.run.epochs), initial=start_epoch, total=config.run.epochs,
-                    desc="fastgrpo", unit="epoch", disable=not config.run.progress)
+                    desc="fastgrpo", unit="epoch", disable=not (config.run.progress and main_rank))
     try:
         for epoch in progress:
             record, global_step = run_epoch(session, epoch, global_step, writer)
             progress.set_postfix(reward=f"{record['reward_mean']:.4f}", step=global_step)
+            if epoch == start_epoch:
+                log_memory(session, epoch, global_step, writer)
             if (epoch + 1) % config.run.save_every == 0 or epoch + 1 == config.run.epochs:
-                state = {"global_step": global_step, "engine": session.engine.state_dict(),
-                         "config": config_to_dict(config)}
-                save_checkpoint(output_dir, epoch, session.models.unet, state, config.run.keep_last)
+                state = {"global_step": global_step, "config": config_to_dict(config)}
+                save_checkpoint(output_dir, epoch, session.engine, state, config.run.keep_last)
     finally:
         progress.close()
         writer.close()

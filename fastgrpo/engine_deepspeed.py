@@ -1,0 +1,140 @@
+"""The DeepSpeed engine: ZeRO stage 0-3 sharding of optimiser state (and gradients, parameters), with the
+optimiser, gradient clipping and precision owned by DeepSpeed. Same interface as `SingleProcessEngine`.
+
+The packaged configs (`zero1`, `zero2`, `zero3` in fastgrpo/configs/deepspeed/) hold only the ZeRO and
+precision settings; batch sizes, gradient accumulation and clipping come from the trainer's config so the
+samples x timesteps accounting stays the trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from fastgrpo.engine import warmup_schedule
+from fastgrpo.errors import ConfigError
+
+PACKAGED = Path(__file__).parent / "configs" / "deepspeed"
+STATE_DIR = "deepspeed"
+
+
+def read_deepspeed_config(name_or_path: str, mixed_precision: str) -> dict:
+    """A packaged config name (zero1/zero2/zero3) or a JSON path; precision sections set from mixed_precision."""
+    path = PACKAGED / f"{name_or_path}.json" if (PACKAGED / f"{name_or_path}.json").is_file() else Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"engine.deepspeed: {name_or_path!r} is neither zero1/zero2/zero3 nor a JSON file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ConfigError(f"engine.deepspeed: {name_or_path!r} is not valid JSON ({error})") from None
+    if mixed_precision != "auto":
+        config["bf16"] = {"enabled": mixed_precision == "bf16"}
+        config["fp16"] = {"enabled": mixed_precision == "fp16", "initial_scale_power": 16}
+    return config
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed; without a launcher, as a world of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: torch.nn.Module, train_config, ds_config: dict, micro_batches_per_step: int):
+        import deepspeed
+
+        self.world_size = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
+        self.is_main = self.rank == 0
+        config = dict(ds_config)
+        config.update(train_micro_batch_size_per_gpu=train_config.batch_size,
+                      gradient_accumulation_steps=micro_batches_per_step,
+                      train_batch_size=train_config.batch_size * micro_batches_per_step * self.world_size,
+                      gradient_clipping=train_config.max_grad_norm)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=train_config.learning_rate,
+                                      betas=(train_config.adam_beta1, train_config.adam_beta2),
+                                      eps=train_config.adam_eps, weight_decay=train_config.weight_decay)
+        schedule = warmup_schedule(train_config.warmup_steps)
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.model = self.engine.module
+        self.zero_stage = self.engine.zero_optimization_stage()
+
+    def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> torch.Tensor:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, tensor.contiguous())
+        return torch.stack(gathered)
+
+    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        names = sorted(stats)
+        values = self.all_gather(torch.tensor([stats[n] for n in names], dtype=torch.float64))  # (W, K)
+        reduced = {n: float(values[:, i].mean()) for i, n in enumerate(names)}
+        if "ratio_min" in stats:
+            reduced["ratio_min"] = float(values[:, names.index("ratio_min")].min())
+        if "ratio_max" in stats:
+            reduced["ratio_max"] = float(values[:, names.index("ratio_max")].max())
+        return reduced
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds: its parameter shard (ZeRO-3) or full parameters, the gradient partition its
+        optimiser steps, and that optimiser's state."""
+        def nbytes(tensor):
+            return tensor.numel() * tensor.element_size()
+
+        params = sum(nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p) for p in self.model.parameters())
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        owned = [p for group in inner.param_groups for p in group["params"]]
+        state = [t for p in owned for t in inner.state.get(p, {}).values() if torch.is_tensor(t) and t.dim() > 0]
+        return {"param_bytes": params, "grad_bytes": sum(nbytes(p) for p in owned),
+                "optimizer_state_bytes": sum(nbytes(t) for t in state)}
+
+    @contextlib.contextmanager
+    def full_model(self):
+        """The module with full parameters on every rank (ZeRO-3 gathers them for the duration)."""
+        if self.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                yield self.model
+        else:
+            yield self.model
+
+    def state_dict(self) -> dict:
+        return {}  # the optimiser and schedule live in the DeepSpeed checkpoint (save_state)
+
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory / STATE_DIR), tag="state")
+
+    def load_state(self, directory: Path, state: dict) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory / STATE_DIR), tag="state")
+        if path is None:
+            raise ConfigError(f"run.resume: {directory} holds no DeepSpeed state (was it saved by a DeepSpeed run?)")
