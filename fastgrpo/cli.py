@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (with no arguments: the embedded default run)")
     _add_config_arguments(train)
+    # Arguments the DeepSpeed launcher passes (`deepspeed fastgrpo/train.py ...`).
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--deepspeed_config", default=None, metavar="FILE",
+                       help="DeepSpeed JSON config (same as engine.deepspeed=FILE)")
     show = commands.add_parser("config", help="print the resolved config with a comment per field")
     _add_config_arguments(show)
     show.add_argument("--markdown", action="store_true", help="print the reference table of every key instead")
@@ -41,7 +45,10 @@ def _run(args) -> int:
     if args.command == "config" and args.markdown:
         sys.stdout.write(render_markdown())
         return 0
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "deepspeed_config", None):
+        overrides.append(f"engine.deepspeed={args.deepspeed_config}")
+    config = load_config(args.config, overrides)
     if args.command == "config":
         sys.stdout.write(render_yaml(config))
         return 0

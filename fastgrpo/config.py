@@ -100,9 +100,10 @@ class TrainConfig:
 class EngineConfig:
     deepspeed: str | None = doc("DeepSpeed ZeRO config: zero1, zero2, zero3 (packaged) or a JSON path; null = one "
                                 "process, plain PyTorch", None)
-    mixed_precision: str = doc("'no' (fp32), 'bf16', or 'fp16' (DeepSpeed only: loss scaling) for the UNet and the "
-                               "frozen models; trajectories and log-prob math stay fp32", "no",
-                               choices=("no", "bf16", "fp16"))
+    mixed_precision: str = doc("'auto' (the DeepSpeed JSON's setting, bf16 in the packaged ones; else fp32), "
+                               "'fp32', 'bf16', or 'fp16' (DeepSpeed only: loss scaling) for the UNet and the frozen "
+                               "models; trajectories and log-prob math stay fp32", "auto",
+                               choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = doc("Recompute UNet activations in the backward pass to save memory", False)
     attention: str = doc("UNet attention: 'sdpa' (PyTorch) or 'xformers' (CUDA only; falls back to SDPA with a "
                          "notice)", "sdpa", choices=("sdpa", "xformers"))

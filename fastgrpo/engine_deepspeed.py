@@ -38,6 +38,13 @@ def read_deepspeed_config(name_or_path: str, mixed_precision: str) -> dict:
     return config
 
 
+def json_precision(config: dict) -> str:
+    """The precision a DeepSpeed config trains in: bf16, fp16 or fp32."""
+    if config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed; without a launcher, as a world of one."""
     import deepspeed

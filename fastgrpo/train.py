@@ -71,6 +71,16 @@ def _start_distributed(config: Config) -> int:
     return torch.distributed.get_world_size()
 
 
+def resolve_precision(config: Config) -> str:
+    """fp32, bf16 or fp16: engine.mixed_precision, where 'auto' means the DeepSpeed JSON's choice (else fp32)."""
+    if config.engine.mixed_precision != "auto":
+        return config.engine.mixed_precision
+    if config.engine.deepspeed is None:
+        return "fp32"
+    from fastgrpo.engine_deepspeed import json_precision, read_deepspeed_config
+    return json_precision(read_deepspeed_config(config.engine.deepspeed, "auto"))
+
+
 def _build_engine(config: Config, unet: torch.nn.Module, world_size: int):
     if config.engine.deepspeed is None:
         return SingleProcessEngine(unet, config.train)
@@ -97,9 +107,10 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     if device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(run.seed)
+    precision = resolve_precision(config)
     models = load_diffusion_models(config.model.pretrained, device=device, revision=config.model.revision,
-                                   frozen_dtype=torch.float32 if config.engine.mixed_precision == "no" else
-                                   torch.bfloat16 if config.engine.mixed_precision == "bf16" else torch.float16)
+                                   frozen_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                 "fp16": torch.float16}[precision])
     configure_unet(models.unet, attention=config.engine.attention,
                    gradient_checkpointing=config.engine.gradient_checkpointing)
     reward = load_steering_reward(config.reward, device, dtype=models.vae.dtype)
@@ -110,7 +121,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
         state = load_checkpoint(checkpoint, engine)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
     sample = config.sample
-    autocast = config.engine.mixed_precision == "bf16" and config.engine.deepspeed is None
+    autocast = precision == "bf16" and config.engine.deepspeed is None
     session = Session(
         config=config, device=device, models=models, reward=reward, engine=engine, ref_unet=ref_unet, mixer=mixer,
         schedule=DDIMSchedule.from_scheduler(models.scheduler, sample.num_steps, device),
