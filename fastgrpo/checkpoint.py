@@ -35,7 +35,8 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and (path / "unet" / "config.json").is_file()
+    """The state file is written last inside the staging directory, which is renamed into place whole."""
+    return (path / STATE_FILE).is_file()
 
 
 def rng_state() -> dict:
@@ -53,8 +54,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str | Path, epoch: int, engine, trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoint `epoch` atomically (every rank takes part), then keep only the newest `keep_last`."""
+def save_unet(unet: torch.nn.Module, directory: Path) -> None:
+    """directory/unet/ in diffusers' save_pretrained format."""
+    unet.save_pretrained(directory / "unet", safe_serialization=True)
+
+
+def load_unet(unet: torch.nn.Module, directory: Path) -> None:
+    """Exact fp32 weights from directory/unet/ into `unet`."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / "unet" / "diffusion_pytorch_model.safetensors"),
+                        device=str(next(unet.parameters()).device))
+    unet.load_state_dict(weights, strict=True)
+
+
+def save_checkpoint(output_dir: str | Path, epoch: int, engine, trainer_state: dict, keep_last: int,
+                    save_model=save_unet) -> Path:
+    """Write checkpoint `epoch` atomically (every rank takes part), then keep only the newest `keep_last`.
+    save_model(unet, directory) writes the model part (the UNet, or LoRA adapters)."""
     root = checkpoint_root(output_dir)
     final = root / f"epoch_{epoch}"
     staging = root / f".epoch_{epoch}.partial"
@@ -65,7 +82,7 @@ def save_checkpoint(output_dir: str | Path, epoch: int, engine, trainer_state: d
     engine.save_state(staging)
     with engine.full_model() as unet:
         if engine.is_main:
-            unet.save_pretrained(staging / "unet", safe_serialization=True)
+            save_model(unet, staging)
     if engine.is_main:
         torch.save({**trainer_state, "epoch": epoch, "engine": engine.state_dict(), "rng": rng_state()},
                    staging / STATE_FILE)
@@ -98,13 +115,14 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     if not path.is_dir():
         raise FastGRPOError(f"run.resume: {resume!r} does not exist")
     if not is_complete(path):
-        raise FastGRPOError(f"run.resume: {resume!r} is not a complete checkpoint (needs unet/ and {STATE_FILE})")
+        raise FastGRPOError(f"run.resume: {resume!r} is not a complete checkpoint (no {STATE_FILE})")
     return path
 
 
-def load_checkpoint(path: Path, engine) -> dict:
-    """Restore weights, optimiser and schedule through the engine; returns the trainer state (RNG states restored)."""
+def load_checkpoint(path: Path, engine, load_model=load_unet) -> dict:
+    """Restore weights, optimiser and schedule through the engine; returns the trainer state (RNG states restored).
+    load_model(unet, directory) reads the model part back (single process; DeepSpeed has its own copy)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    engine.load_state(path, state)
+    engine.load_state(path, state, load_model)
     set_rng_state(state["rng"])
     return state

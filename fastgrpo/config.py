@@ -97,6 +97,15 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = doc("LoRA rank; 0 = train the full UNet", 0)
+    alpha: float = doc("LoRA alpha (scale = alpha / rank)", 16.0)
+    dropout: float = doc("LoRA dropout (> 0 breaks ratio == 1 on the first step)", 0.0)
+    target_modules: list[str] = doc("UNet modules that get adapters", ["to_q", "to_k", "to_v", "to_out.0"])
+    export_merged: bool = doc("Also save checkpoints' UNet with the adapters merged (unet/)", False)
+
+
+@dataclass
 class EngineConfig:
     deepspeed: str | None = doc("DeepSpeed ZeRO config: zero1, zero2, zero3 (packaged) or a JSON path; null = one "
                                 "process, plain PyTorch", None)
@@ -130,6 +139,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -265,7 +275,7 @@ def validate_world_size(config: Config, world_size: int) -> None:
 
 def validate(config: Config) -> None:
     """Reject impossible values with a one-line ConfigError."""
-    for name in ("model", "data", "sample", "reward", "train", "engine", "run"):
+    for name in ("model", "data", "sample", "reward", "train", "lora", "engine", "run"):
         _check_choices(getattr(config, name), name)
     s, t, r, run, d = config.sample, config.train, config.reward, config.run, config.data
     _require(s.group_size >= 2, f"sample.group_size must be >= 2 (group advantages need 2+ samples), got {s.group_size}")
@@ -294,6 +304,8 @@ def validate(config: Config) -> None:
              "reward.safe_anchors and reward.unsafe_anchors must be non-empty when reward.alpha != 0")
     _require(config.engine.mixed_precision != "fp16" or config.engine.deepspeed is not None,
              "engine.mixed_precision=fp16 needs engine.deepspeed (fp16 training needs DeepSpeed's loss scaling)")
+    _require(config.lora.rank >= 0, f"lora.rank must be >= 0, got {config.lora.rank}")
+    _require(0 <= config.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {config.lora.dropout}")
     _require(run.epochs >= 1, f"run.epochs must be >= 1, got {run.epochs}")
     _require(run.save_every >= 1, f"run.save_every must be >= 1, got {run.save_every}")
     _require(run.keep_last >= 1, f"run.keep_last must be >= 1, got {run.keep_last}")

@@ -77,12 +77,8 @@ class SingleProcessEngine:
     def save_state(self, directory) -> None:
         pass  # everything is in state_dict(), stored in trainer_state.pt
 
-    def load_state(self, directory, state: dict) -> None:
-        """Restore weights (exact fp32 values), optimiser and schedule from a checkpoint directory."""
-        from safetensors.torch import load_file
-
-        weights = load_file(str(directory / "unet" / "diffusion_pytorch_model.safetensors"),
-                            device=str(next(self.model.parameters()).device))
-        self.model.load_state_dict(weights, strict=True)
+    def load_state(self, directory, state: dict, load_model) -> None:
+        """Restore weights (load_model), optimiser and schedule from a checkpoint directory."""
+        load_model(self.model, directory)
         self.optimizer.load_state_dict(state["engine"]["optimizer"])
         self.lr_scheduler.load_state_dict(state["engine"]["lr_scheduler"])

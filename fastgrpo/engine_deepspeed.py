@@ -141,7 +141,7 @@ class DeepSpeedEngine:
     def save_state(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / STATE_DIR), tag="state")
 
-    def load_state(self, directory: Path, state: dict) -> None:
+    def load_state(self, directory: Path, state: dict, load_model=None) -> None:
         path, _ = self.engine.load_checkpoint(str(directory / STATE_DIR), tag="state")
         if path is None:
             raise ConfigError(f"run.resume: {directory} holds no DeepSpeed state (was it saved by a DeepSpeed run?)")

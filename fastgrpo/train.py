@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from fastgrpo.allocator import keep_freed_memory
-from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, load_unet, save_checkpoint, save_unet
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.errors import ConfigError
+from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
 from fastgrpo.grpo import LossSettings, UpdatePlan, epoch_advantages, plan_update, policy_update, shard_plan
 from fastgrpo.metrics import MetricsWriter, save_image_grid
 from fastgrpo.models import DiffusionModels, configure_unet, encode_prompts, load_diffusion_models
@@ -114,11 +115,15 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     configure_unet(models.unet, attention=config.engine.attention,
                    gradient_checkpointing=config.engine.gradient_checkpointing)
     reward = load_steering_reward(config.reward, device, dtype=models.vae.dtype)
-    ref_unet = copy.deepcopy(models.unet).requires_grad_(False) if config.train.kl_coef > 0 else None
+    ref_unet = None
+    if config.lora.rank > 0:
+        add_lora(models.unet, config.lora)  # the KL reference is this UNet with adapters disabled
+    elif config.train.kl_coef > 0:
+        ref_unet = copy.deepcopy(models.unet).requires_grad_(False)
     engine = _build_engine(config, models.unet, world_size)
     start_epoch, global_step = 0, 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, engine)
+        state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
     sample = config.sample
     autocast = precision == "bf16" and config.engine.deepspeed is None
@@ -181,7 +186,13 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
         return lambda samples, steps: recompute_log_probs(unet, trajectories, batch.prompt_embeds, s.uncond_embed,
                                                           s.schedule, s.guidance, samples, steps)
 
-    ref_fn = log_prob_fn(s.ref_unet) if s.ref_unet is not None else None
+    ref_fn = None
+    if s.ref_unet is not None:
+        ref_fn = log_prob_fn(s.ref_unet)
+    elif has_lora(s.unet) and t.kl_coef > 0:
+        def ref_fn(samples, steps):
+            with adapters_disabled(s.unet) as base:
+                return log_prob_fn(base)(samples, steps)
     kept = torch.nonzero(keep.cpu()).squeeze(1)
     for inner in range(t.num_inner_epochs):
         if inner == 0:  # the global plan: the same samples and steps per optimiser step at any world size
@@ -242,6 +253,12 @@ def log_memory(s: Session, epoch: int, global_step: int, writer) -> None:
                    kind="memory")
 
 
+def _model_saver(config: Config):
+    if config.lora.rank == 0:
+        return save_unet
+    return lambda unet, directory: save_lora(unet, directory, export_merged=config.lora.export_merged)
+
+
 class _NoWriter:
     """Ranks other than 0 write no logs."""
 
@@ -274,7 +291,8 @@ def train(config: Config) -> Path:
                 log_memory(session, epoch, global_step, writer)
             if (epoch + 1) % config.run.save_every == 0 or epoch + 1 == config.run.epochs:
                 state = {"global_step": global_step, "config": config_to_dict(config)}
-                save_checkpoint(output_dir, epoch, session.engine, state, config.run.keep_last)
+                save_checkpoint(output_dir, epoch, session.engine, state, config.run.keep_last,
+                                save_model=_model_saver(config))
     finally:
         progress.close()
         writer.close()
