@@ -152,3 +152,21 @@ def test_cli_user_errors_exit_2_with_one_line(tiny_overrides, tmp_path, override
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastgrpo: error:") and message in lines[0], result.stderr
+
+
+def test_bf16_mixed_precision_keeps_fp32_trajectories(tiny_overrides):
+    """bf16 autocast for the UNet and bf16 frozen models; trajectories and log-prob math stay fp32. The first step's
+    ratios are 1 within what bf16 allows (the same bf16 forward at sampling and training)."""
+    config = load_config(None, tiny_overrides + ["run.epochs=1", "engine.mixed_precision=bf16"])
+    records = read_metrics(train(config))
+    first = [r for r in records if "loss" in r][0]
+    assert abs(first["ratio_max"] - 1) <= 1e-2 and abs(first["ratio_min"] - 1) <= 1e-2, first
+
+
+def test_xformers_falls_back_to_sdpa_with_a_notice(tiny_pipeline_dir, capsys):
+    from fastgrpo.models import configure_unet, load_diffusion_models
+    models = load_diffusion_models(str(tiny_pipeline_dir), device=torch.device("cpu"))
+    assert configure_unet(models.unet, attention="xformers", gradient_checkpointing=True) == "sdpa"
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "xformers attention unavailable" in notice[0] and "SDPA" in notice[0]
+    assert models.unet.is_gradient_checkpointing
