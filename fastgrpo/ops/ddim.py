@@ -223,4 +223,8 @@ def ddim_logprob_fused(model_output, uncond_output, sample, prev_sample, alpha_t
             prediction_type, reduction, backend)
     if torch.compiler.is_compiling():
         return ddim_logprob_op(*args)
+    if backend == "cpp":  # forward and backward wired in C++
+        return cpp_kernels()[0].ddim_logprob_autograd(
+            model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
+            prediction_type == "v_prediction", reduction == "sum")
     return DdimLogprobFunction.apply(*args)
