@@ -265,10 +265,14 @@ def _check_choices(section, prefix: str) -> None:
 
 
 def validate_world_size(config: Config, world_size: int) -> None:
-    """With several ranks, every optimiser step's samples must split evenly over ranks and micro-batches."""
+    """Under DeepSpeed every optimiser step has the same number of micro-batches, split evenly over ranks."""
+    if config.engine.deepspeed is None:
+        return
+    _require(not config.train.drop_zero_std_groups,
+             "train.drop_zero_std_groups needs one process: DeepSpeed wants the same micro-batch count every step")
     samples = config.sample.prompts_per_epoch * config.sample.group_size
     per_step, batch = config.train.samples_per_step, config.train.batch_size
-    _require(world_size == 1 or (samples % per_step == 0 and per_step % (world_size * batch) == 0),
+    _require(samples % per_step == 0 and per_step % (world_size * batch) == 0,
              f"with {world_size} ranks, samples per epoch ({samples}) must be a multiple of train.samples_per_step "
              f"({per_step}), itself a multiple of ranks x train.batch_size ({world_size} x {batch})")
 

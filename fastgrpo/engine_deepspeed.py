@@ -81,11 +81,15 @@ class DeepSpeedEngine:
         self.zero_stage = self.engine.zero_optimization_stage()
 
     def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
-        self.engine.set_gradient_accumulation_boundary(is_last)
+        # DeepSpeed counts micro-steps itself (gradient_accumulation_steps = micro-batches per optimiser step):
+        # every micro-batch but the last is followed by engine.step(), which only advances that count.
         self.engine.backward(loss, scale_wrt_gas=False)
+        if not is_last:
+            self.engine.step()
 
     def step(self) -> torch.Tensor:
-        self.engine.set_gradient_accumulation_boundary(True)
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's gradient-accumulation count is out of step with the trainer's plan")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
@@ -120,8 +124,10 @@ class DeepSpeedEngine:
 
         params = sum(nbytes(p.ds_tensor) if hasattr(p, "ds_tensor") else nbytes(p) for p in self.model.parameters())
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        owned = [p for group in inner.param_groups for p in group["params"]]
-        state = [t for p in owned for t in inner.state.get(p, {}).values() if torch.is_tensor(t) and t.dim() > 0]
+        # ZeRO-3 keeps the rank's fp32 partition in fp32_partitioned_groups_flat; stages 1-2 in the param groups
+        owned = getattr(self.optimizer, "fp32_partitioned_groups_flat", None) or \
+            [p for group in inner.param_groups for p in group["params"]]
+        state = [t for entry in inner.state.values() for t in entry.values() if torch.is_tensor(t) and t.dim() > 0]
         return {"param_bytes": params, "grad_bytes": sum(nbytes(p) for p in owned),
                 "optimizer_state_bytes": sum(nbytes(t) for t in state)}
 

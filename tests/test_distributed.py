@@ -136,4 +136,13 @@ def test_zero3_trains_and_saves_a_loadable_unet(runs, tiny_pipeline_dir):
     assert any(not torch.equal(base[k], v) for k, v in unet.state_dict().items())
     memory = [r for r in records(runs["zero3"]) if "rank" in r]
     single = [r for r in records(runs["single"]) if "rank" in r][0]
-    assert all(r["param_bytes"] < 0.6 * single["param_bytes"] for r in memory)  # parameters are sharded too
+    for row in memory:  # parameters, gradients and optimiser state are all sharded
+        assert row["param_bytes"] < 0.6 * single["param_bytes"]
+        assert row["grad_bytes"] == pytest.approx(single["grad_bytes"] / 2, rel=0.01)
+        assert row["optimizer_state_bytes"] == pytest.approx(single["optimizer_state_bytes"] / 2, rel=0.01)
+    # The first optimiser step sees the same samples and loss as one process (its update does not yet match:
+    # ZeRO-3's gradient norm differs from ZeRO-2's and one process's; an open problem, see the issue).
+    first_single = [r for r in records(runs["single"]) if "loss" in r][0]
+    first_zero3 = [r for r in records(runs["zero3"]) if "loss" in r][0]
+    assert first_zero3["loss"] == pytest.approx(first_single["loss"], abs=1e-5)
+    assert abs(first_zero3["ratio_max"] - 1) <= 1e-5
