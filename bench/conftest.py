@@ -50,8 +50,9 @@ def copy_bandwidth(bytes_moved: int) -> float:
     return 2 * src.numel() * 4 / median_seconds(lambda: dst.copy_(src))
 
 
-def launches_per_call(fn) -> int:
-    """CUDA kernels launched by one call; on CPU the top-level operators it dispatches."""
+def launches_per_call(fn) -> dict:
+    """{'launches_per_call': CUDA kernels launched by one call} on CUDA; on CPU, where nothing is launched,
+    {'top_level_ops_per_call': the top-level operators it dispatches (no-op dtype/layout checks included)}."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
@@ -62,8 +63,9 @@ def launches_per_call(fn) -> int:
         sync()
     events = prof.events()
     if DEVICE.type == "cuda":
-        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in events if e.cpu_parent is None and not e.name.startswith(("autograd::", "[")))
+        return {"launches_per_call": sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)}
+    top_level = [e for e in events if e.cpu_parent is None and not e.name.startswith(("autograd::", "["))]
+    return {"top_level_ops_per_call": len(top_level)}
 
 
 def device_info() -> dict:

@@ -62,7 +62,7 @@ def test_ddim_logprob(benchmark, shape_name, mode):
         bytes_formula="numel*4*(4 reads fwd + 4 reads & 2 writes bwd)", gbps=bytes_moved / seconds / 1e9,
         copy_gbps=copy / 1e9, fraction_of_copy=bytes_moved / seconds / copy, eager_s=eager, compiled_s=compiled,
         speedup_vs_eager=speedup_eager, speedup_vs_compiled=speedup_compiled,
-        launches_per_call=launches_per_call(fused), peak_memory_bytes=peak_memory(fused))
+        **launches_per_call(fused), peak_memory_bytes=peak_memory(fused))
     if backward and shape_name == "sd" and DEVICE.type == "cpu":
         benchmark.extra_info.update(target_vs_eager=8.0, target_vs_compiled=2.0,
                                     meets_targets=speedup_eager >= 8.0 and speedup_compiled >= 2.0)
@@ -100,6 +100,6 @@ def test_advantages_and_loss(benchmark):
     benchmark.pedantic(fused, rounds=50, warmup_rounds=5, iterations=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(device_info(), samples=1024, group_size=16, eager_loop_s=eager,
-                                speedup_vs_eager_loop=eager / seconds, launches_per_call=launches_per_call(fused),
+                                speedup_vs_eager_loop=eager / seconds, **launches_per_call(fused),
                                 target_vs_eager_loop=10.0, meets_targets=eager / seconds >= 10.0,
                                 backend=ops.explain("grpo_loss", DEVICE)[0])
