@@ -84,6 +84,10 @@ class DeepSpeedEngine:
         # DeepSpeed counts micro-steps itself (gradient_accumulation_steps = micro-batches per optimiser step):
         # every micro-batch but the last is followed by engine.step(), which only advances that count.
         self.engine.backward(loss, scale_wrt_gas=False)
+        # The trainer calls the module, not engine.forward, which is where DeepSpeed marks the previous backward
+        # as done; ZeRO-3 counts micro-steps there (without it each backward overwrites the accumulated gradient).
+        if hasattr(self.optimizer, "clear_backward_seen_flag"):
+            self.optimizer.clear_backward_seen_flag()
         if not is_last:
             self.engine.step()
 

@@ -91,11 +91,6 @@ def _build_engine(config: Config, unet: torch.nn.Module, world_size: int):
     trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
     micro_batches = max(1, t.samples_per_step // world_size // t.batch_size) * trained_steps
     ds_config = read_deepspeed_config(config.engine.deepspeed, config.engine.mixed_precision)
-    if ds_config.get("zero_optimization", {}).get("stage") == 3 and micro_batches > 1:
-        # Seen in the tests: with several micro-batches per optimiser step, ZeRO-3's update differs from ZeRO-2's
-        # and one process's. Refuse rather than train wrongly.
-        raise ConfigError(f"ZeRO-3 is supported with one micro-batch per optimiser step (ranks x train.batch_size "
-                          f"= train.samples_per_step and one trained timestep); this config has {micro_batches}")
     return DeepSpeedEngine(unet, t, ds_config, micro_batches)
 
 
