@@ -89,7 +89,10 @@ def runs(tmp_path_factory, tiny_pipeline_dir, tiny_clip_files, prompt_files):
     launch(base + ["run.epochs=3", f"run.output_dir={resumed}", "engine.deepspeed=zero2", "run.resume=latest"], root)
     zero3 = root / "zero3"
     launch(base + ["run.epochs=1", f"run.output_dir={zero3}", "engine.deepspeed=zero3"], root)
-    return {"single": single, "zero2": zero2, "resumed": resumed, "zero3": zero3}
+    bf16 = root / "bf16"  # the packaged zero2 config as shipped: bf16 weights, fp32 trajectories and log-prob math
+    launch([o for o in base if not o.startswith("engine.mixed_precision")] +
+           ["run.epochs=1", f"run.output_dir={bf16}", "engine.deepspeed=zero2"], root)
+    return {"single": single, "zero2": zero2, "resumed": resumed, "zero3": zero3, "bf16": bf16}
 
 
 def test_two_ranks_match_one_process(runs):
@@ -154,3 +157,13 @@ def test_zero3_trains_and_saves_a_loadable_unet(runs, tiny_pipeline_dir):
     update = torch.sqrt(sum(((a[k] - base[k]).double() ** 2).sum() for k in a))
     difference = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a))
     assert difference < 0.02 * update, (float(difference), float(update))
+
+
+def test_bf16_zero2_keeps_the_first_step_on_policy(runs):
+    steps = [r for r in records(runs["bf16"]) if "loss" in r]
+    assert abs(steps[0]["ratio_max"] - 1) <= 1e-3 and abs(steps[0]["ratio_min"] - 1) <= 1e-3
+    single = [r for r in records(runs["single"]) if "loss" in r][0]
+    assert steps[0]["loss"] == pytest.approx(single["loss"], abs=0.05)  # the same samples, in bf16
+    memory = [r for r in records(runs["bf16"]) if "rank" in r]
+    fp32 = [r for r in records(runs["zero2"]) if "rank" in r]
+    assert all(m["param_bytes"] * 2 == f["param_bytes"] for m, f in zip(memory, fp32))  # bf16 module weights
