@@ -39,8 +39,9 @@ def free_port() -> int:
 
 
 def launch(overrides: list[str], cwd: Path, ranks: int = 2) -> None:
-    command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               str(REPO / "fastgrpo" / "train.py"), *overrides]
+    # the `deepspeed` launcher, run through this interpreter (a console script may not be on PATH yet)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), str(REPO / "fastgrpo" / "train.py"), *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=900, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
