@@ -42,11 +42,17 @@ def _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev
         raise ValueError(f"{op}: reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
 
 
-def _schedule_rejections(*alphas: torch.Tensor) -> dict[str, str]:
-    if any(a.requires_grad for a in alphas):
-        return {name: "alpha_prod_t/alpha_prod_t_prev require grad (only the reference differentiates the "
-                      "schedule)" for name in ("triton", "cpp")}
-    return {}
+def _step_backend(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, eta, uncond_output,
+                  prediction_type, reduction, other, backend) -> str:
+    """Validate a DDIM-step call and pick its backend (fused backends do not differentiate the schedule)."""
+    _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                       uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+                       others=(other,))
+    rejections = {}
+    if alpha_prod_t.requires_grad or alpha_prod_t_prev.requires_grad:
+        rejections = {name: "alpha_prod_t/alpha_prod_t_prev require grad (only the reference differentiates the "
+                            "schedule)" for name in ("triton", "cpp")}
+    return select_backend(op, model_output, backend, rejections)
 
 
 def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
@@ -60,11 +66,9 @@ def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: 
     Any float dtype; math in fp32 (fp64 for fp64 inputs). Returns (B,) log-probs, mean (or sum) over C, H, W.
     Differentiable with respect to model_output and uncond_output.
     """
-    _check_step_inputs("ddim_logprob", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                       uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
-                       others=(("prev_sample", prev_sample),))
-    chosen = select_backend("ddim_logprob", model_output, backend, _schedule_rejections(alpha_prod_t,
-                                                                                         alpha_prod_t_prev))
+    chosen = _step_backend("ddim_logprob", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                           uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+                           other=("prev_sample", prev_sample), backend=backend)
     if chosen == "reference":
         return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
                                       uncond_output=uncond_output, guidance_scale=guidance_scale,
@@ -83,11 +87,9 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: to
     Same arguments as `ddim_logprob`, with the standard-normal `noise` (B, C, H, W) instead of prev_sample. Equals
     diffusers' `DDIMScheduler.step(..., eta=eta, variance_noise=noise)` (with clip_sample and thresholding off).
     """
-    _check_step_inputs("ddim_step", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                       uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
-                       others=(("noise", noise),))
-    chosen = select_backend("ddim_step", model_output, backend, _schedule_rejections(alpha_prod_t,
-                                                                                   alpha_prod_t_prev))
+    chosen = _step_backend("ddim_step", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                           uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+                           other=("noise", noise), backend=backend)
     if chosen == "reference":
         return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
                                    uncond_output=uncond_output, guidance_scale=guidance_scale,
