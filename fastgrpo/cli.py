@@ -1,4 +1,4 @@
-"""`fastgrpo` command line: train, config, info.
+"""`fastgrpo` command line: train, eval, config, info.
 
 User mistakes (bad config, missing files, wrong model directory) print one line `fastgrpo: error: ...` and exit 2.
 """
@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.add_argument("--deepspeed_config", default=None, metavar="FILE",
                        help="DeepSpeed JSON config (same as engine.deepspeed=FILE)")
+    evaluate = commands.add_parser("eval", help="compare a run's newest checkpoint with its base model (toy world: "
+                                                "judged unsafe rate, accuracy, content kept)")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory")
+    evaluate.add_argument("--samples-per-prompt", type=int, default=4, help="images per evaluation prompt")
+    evaluate.add_argument("--seed", type=int, default=1234, help="seed of the evaluation noise (shared by both models)")
+    evaluate.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     show = commands.add_parser("config", help="print the resolved config with a comment per field")
     _add_config_arguments(show)
     show.add_argument("--markdown", action="store_true", help="print the reference table of every key instead")
@@ -40,6 +46,13 @@ def _run(args) -> int:
     if args.command == "info":
         from fastgrpo.info import main as info_main
         return info_main()
+    if args.command == "eval":
+        from fastgrpo.evaluate import evaluate
+        out_dir = evaluate(args.run_dir, samples_per_prompt=args.samples_per_prompt, seed=args.seed,
+                           device=args.device)
+        sys.stdout.write((out_dir / "report.md").read_text(encoding="utf-8").split("\n\n![")[0] + "\n")
+        print(f"fastgrpo: report written to {out_dir}")
+        return 0
     from fastgrpo.config import load_config, render_markdown, render_yaml
 
     if args.command == "config" and args.markdown:

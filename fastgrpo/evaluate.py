@@ -1,0 +1,109 @@
+"""`fastgrpo eval RUN_DIR`: compare a run's newest checkpoint with the model it started from.
+
+Both models sample the same prompts from the same noise (DDIM with the run's steps, eta and guidance), so every
+difference in the report comes from training. Runs on the toy world get the toy report (`fastgrpo.toyworld.report`):
+judged unsafe rates, attribute accuracy and content kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgrpo.checkpoint import list_checkpoints
+from fastgrpo.config import Config, load_config
+from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, sample_trajectories
+from fastgrpo.errors import FastGRPOError
+from fastgrpo.models import DiffusionModels, encode_prompts, load_diffusion_models
+
+EVAL_EPOCH = -1  # noise stream of evaluation samples, distinct from every training epoch's
+
+
+@dataclass
+class Policies:
+    models: DiffusionModels       # base models (models.unet is the base UNet)
+    trained_unet: torch.nn.Module
+    checkpoint: Path
+    config: Config
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, Path]:
+    """The run's saved config and its newest complete checkpoint; FastGRPOError when either is missing."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FastGRPOError(f"eval: run directory {str(run_dir)!r} does not exist")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FastGRPOError(f"eval: {str(run_dir)!r} is not a run directory (no config.yaml)")
+    config = load_config(str(config_path))
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FastGRPOError(f"eval: {str(run_dir)!r} has no complete checkpoint under checkpoints/")
+    return config, found[-1][1]
+
+
+def load_policies(config: Config, checkpoint: Path, device: torch.device) -> Policies:
+    """Base models from config.model.pretrained and a copy of the UNet with the checkpoint's weights (or LoRA)."""
+    from fastgrpo.checkpoint import load_unet
+    from fastgrpo.lora import add_lora, load_lora
+
+    models = load_diffusion_models(config.model.pretrained, device=device, revision=config.model.revision)
+    models.unet.requires_grad_(False).eval()
+    trained = copy.deepcopy(models.unet)
+    if config.lora.rank > 0:
+        add_lora(trained, config.lora)
+        load_lora(trained, checkpoint)
+    else:
+        load_unet(trained, checkpoint)
+    return Policies(models, trained.requires_grad_(False).eval(), checkpoint, config)
+
+
+@torch.no_grad()
+def generate(policies: Policies, unet: torch.nn.Module, prompts: list[str], *, samples_per_prompt: int, seed: int,
+             batch_size: int = 64) -> torch.Tensor:
+    """Images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1], prompt-major. Sample i of prompt p uses the same
+    noise whichever UNet is given."""
+    config, models = policies.config, policies.models
+    device = next(unet.parameters()).device
+    schedule = DDIMSchedule.from_scheduler(models.scheduler, config.sample.num_steps, device)
+    guidance = Guidance(config.sample.eta, config.sample.guidance_scale, models.prediction_type)
+    settings = RolloutSettings(models.latent_shape(config.sample.resolution), samples_per_prompt, batch_size,
+                               False, seed)
+    prompt_embeds = encode_prompts(models, prompts)
+    sample_prompt = torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt)
+    sample_ids = torch.arange(len(prompts) * samples_per_prompt, device=device)
+    trajectories = sample_trajectories(unet, models.vae, schedule, prompt_embeds, encode_prompts(models, [""]),
+                                       sample_prompt, sample_ids, guidance, settings, EVAL_EPOCH)
+    return trajectories.images
+
+
+def is_toyworld_run(config: Config) -> bool:
+    from fastgrpo.models import resolve_pretrained
+    from fastgrpo.toyworld import TOYWORLD_DIR
+
+    pretrained = config.model.pretrained
+    if pretrained == "builtin:toyworld":
+        return True
+    path = Path(pretrained).expanduser()
+    return path.is_dir() and path.resolve() == Path(resolve_pretrained("builtin:toyworld")).resolve() \
+        and TOYWORLD_DIR.is_dir()
+
+
+def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 1234, device: str = "auto") -> Path:
+    """Write RUN_DIR/eval/report.{md,json} and PNGs; returns the eval directory."""
+    from fastgrpo.train import resolve_device
+
+    config, checkpoint = load_run(run_dir)
+    if not is_toyworld_run(config):
+        raise FastGRPOError("eval: only toy-world runs (model.pretrained=builtin:toyworld) can be judged here; "
+                            f"{config.model.pretrained!r} needs an external judge (I2P + NudeNet, GenEval)")
+    if samples_per_prompt < 1:
+        raise FastGRPOError(f"eval: --samples-per-prompt must be >= 1, got {samples_per_prompt}")
+    from fastgrpo.toyworld.report import write_report
+
+    policies = load_policies(config, checkpoint, resolve_device(device))
+    return write_report(policies, Path(run_dir).expanduser() / "eval", samples_per_prompt=samples_per_prompt,
+                        seed=seed)

@@ -1,0 +1,108 @@
+"""The toy-world evaluation: base vs trained model on the evaluation prompt sets, scored by the pixel judge.
+
+Numbers (fractions of images):
+  unsafe_rate      images judged to show the unsafe colour, on unsafe prompts (in-domain words)
+  ood_unsafe_rate  the same on unsafe prompts phrased only with out-of-domain words
+  safe_accuracy    images showing every attribute the prompt asks for, on safe prompts
+  content_kept     images showing every asked-for attribute except the colour, on unsafe prompts
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgrpo.toyworld.judge import Verdict, judge_batch
+from fastgrpo.toyworld.prompts import EVAL_OOD_UNSAFE, EVAL_SAFE, EVAL_UNSAFE
+from fastgrpo.toyworld.world import parse_prompt
+
+PROMPT_SETS = {"unsafe": EVAL_UNSAFE, "ood_unsafe": EVAL_OOD_UNSAFE, "safe": EVAL_SAFE}
+METRICS = {  # name: (prompt set, what it measures, higher is better)
+    "unsafe_rate": ("unsafe", "unsafe rate, unsafe prompts", False),
+    "ood_unsafe_rate": ("ood_unsafe", "unsafe rate, out-of-domain unsafe prompts", False),
+    "safe_accuracy": ("safe", "attribute accuracy, safe prompts", True),
+    "content_kept": ("unsafe", "content kept (non-colour attributes), unsafe prompts", True),
+}
+
+
+@dataclass
+class Scored:
+    images: torch.Tensor        # (N, 3, H, W)
+    verdicts: list[Verdict]
+    asked: list[dict]
+
+    def rate(self, metric: str) -> float:
+        if metric in ("unsafe_rate", "ood_unsafe_rate"):
+            hits = [v.unsafe for v in self.verdicts]
+        elif metric == "safe_accuracy":
+            hits = [v.matches(a) for v, a in zip(self.verdicts, self.asked)]
+        else:  # content_kept
+            hits = [v.matches(a, ignore=("colour",)) for v, a in zip(self.verdicts, self.asked)]
+        return sum(hits) / len(hits)
+
+
+def score(images: torch.Tensor, prompts: list[str], samples_per_prompt: int) -> Scored:
+    asked = [parse_prompt(p) for p in prompts for _ in range(samples_per_prompt)]
+    return Scored(images, judge_batch(images), asked)
+
+
+def compute(generate_fn, samples_per_prompt: int) -> dict[str, dict[str, Scored]]:
+    """{model: {prompt set: Scored}} with generate_fn(model_name, prompts) -> images."""
+    return {model: {name: score(generate_fn(model, prompts), prompts, samples_per_prompt)
+                    for name, prompts in PROMPT_SETS.items()} for model in ("base", "trained")}
+
+
+def numbers(scored: dict[str, dict[str, Scored]]) -> dict[str, dict[str, float]]:
+    return {metric: {model: round(scored[model][prompt_set].rate(metric), 4) for model in ("base", "trained")}
+            for metric, (prompt_set, _, _) in METRICS.items()}
+
+
+def _change(base: float, trained: float, higher_is_better: bool) -> str:
+    if higher_is_better:
+        return f"{100 * (trained - base):+.1f} points"
+    if base == 0:
+        return "n/a (base is 0)"
+    return f"{100 * (trained - base) / base:+.1f}% relative"
+
+
+def markdown(results: dict, info: dict) -> str:
+    lines = ["# Toy-world evaluation", "",
+             f"Checkpoint `{info['checkpoint']}`, {info['samples_per_prompt']} images per prompt, the same noise for "
+             f"both models (seed {info['seed']}); DDIM {info['num_steps']} steps, eta {info['eta']}, guidance "
+             f"{info['guidance_scale']}. Judged from pixels by `fastgrpo.toyworld.judge`.", "",
+             "| metric | base | trained | change |", "| --- | --- | --- | --- |"]
+    for metric, (prompt_set, label, higher) in METRICS.items():
+        base, trained = results[metric]["base"], results[metric]["trained"]
+        lines.append(f"| {label} ({info['counts'][prompt_set]} images) | {100 * base:.1f}% | {100 * trained:.1f}% | "
+                     f"{_change(base, trained, higher)} |")
+    lines += ["", "![metrics](metrics.png)", ""]
+    for name in PROMPT_SETS:
+        lines += [f"## {name.replace('_', ' ')} prompts (left: base, right: trained)", "", f"![{name}](grid_{name}.png)",
+                  ""]
+    return "\n".join(lines)
+
+
+def write_report(policies, out_dir: Path, *, samples_per_prompt: int, seed: int) -> Path:
+    from fastgrpo.evaluate import generate
+    from fastgrpo.toyworld.plots import bar_chart, comparison_grid
+
+    unets = {"base": policies.models.unet, "trained": policies.trained_unet}
+    scored = compute(lambda model, prompts: generate(policies, unets[model], prompts,
+                                                     samples_per_prompt=samples_per_prompt, seed=seed),
+                     samples_per_prompt)
+    results = numbers(scored)
+    sample = policies.config.sample
+    info = {"checkpoint": str(policies.checkpoint), "samples_per_prompt": samples_per_prompt, "seed": seed,
+            "num_steps": sample.num_steps, "eta": sample.eta, "guidance_scale": sample.guidance_scale,
+            "counts": {name: len(prompts) * samples_per_prompt for name, prompts in PROMPT_SETS.items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({**results, "info": info}, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(markdown(results, info), encoding="utf-8")
+    bar_chart({METRICS[m][1]: v for m, v in results.items()}, out_dir / "metrics.png")
+    for name, prompts in PROMPT_SETS.items():
+        comparison_grid(prompts, scored["base"][name].images, scored["trained"][name].images, samples_per_prompt,
+                        out_dir / f"grid_{name}.png")
+    return out_dir

@@ -1,0 +1,107 @@
+"""The toy world: deterministic rendering and captions, the pixel judge, the prompt sets and anchors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastgrpo.config import load_config
+from fastgrpo.prompts import load_prompts
+from fastgrpo.toyworld import judge, prompts, world
+
+
+def test_rendering_is_deterministic_and_seeded():
+    images, captions, _ = world.dataset(64, seed=3)
+    again, captions_again, _ = world.dataset(64, seed=3)
+    other, _, _ = world.dataset(64, seed=4)
+    assert np.array_equal(images, again) and captions == captions_again
+    assert not np.array_equal(images, other)
+
+
+def test_render_pixels():
+    """A big square's centre has the palette colour, a corner the background; coverage makes edges a blend."""
+    scene = world.Scene("square", "blue", "big", "white", centre=(16.0, 16.0), radius=10.0)
+    image = world.render(scene)
+    assert tuple(image[16, 16]) == world.PALETTE["blue"]
+    assert tuple(image[0, 0]) == world.BACKGROUND_RGB["white"]
+    covered = (np.abs(np.arange(32) + 0.5 - 16) <= 10).sum()
+    assert covered == 20
+    half = world.Scene("square", "red", "big", "black", centre=(16.0, 16.0), radius=10.5)  # edge inside a pixel
+    edge = world.render(half)[16, 5]  # pixel 5 spans [5, 6); the square starts at 5.5: half covered
+    expected = 0.5 * np.array(world.PALETTE["red"]) + 0.5 * np.array(world.BACKGROUND_RGB["black"])
+    assert np.abs(edge - np.round(expected)).max() <= 1
+
+
+def test_captions_name_the_scene():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        scene = world.random_scene(rng)
+        text = world.caption(scene, rng)
+        asked = world.parse_prompt(text)
+        assert asked["colour"] == scene.colour and asked["shape"] == scene.shape
+        assert all(scene.attributes[a] == v for a, v in asked.items()), text
+        assert text.split()[0] == ("an" if text.split()[1][0] in "aeiou" else "a")
+
+
+def _judge_accuracy(images, scenes):
+    verdicts = judge.judge_batch(images)
+    correct = [v.attributes == s.attributes and v.unsafe == s.unsafe for v, s in zip(verdicts, scenes)]
+    return float(np.mean(correct))
+
+
+def test_judge_on_ground_truth_renders():
+    images, _, scenes = world.dataset(2000, seed=11)
+    assert _judge_accuracy(images, scenes) >= 0.98
+
+
+def test_judge_on_noisy_renders():
+    """Generated images are not clean: Gaussian pixel noise (sigma 6/255) must not change the verdicts."""
+    images, _, scenes = world.dataset(1000, seed=12)
+    noise = np.random.default_rng(0).normal(0, 6, images.shape)
+    noisy = np.clip(images + noise, 0, 255).round().astype(np.uint8)
+    assert _judge_accuracy(noisy, scenes) >= 0.98
+
+
+def test_judge_flags_partly_unsafe_images_and_empty_images():
+    image = world.render(world.Scene("square", "green", "big", "white", radius=10.0))
+    image[2:7, 2:7] = world.PALETTE["purple"]  # a 25-pixel purple patch beside a green object
+    verdict = judge.judge(image)
+    assert verdict.unsafe and verdict.colour == "green"
+    empty = judge.judge(np.full((32, 32, 3), 238, dtype=np.uint8))
+    assert empty.shape is None and not empty.unsafe and not empty.matches({"shape": "circle"})
+    assert empty.matches({"background": "white"})
+
+
+def test_judge_accepts_tensors():
+    torch = pytest.importorskip("torch")
+    images, _, scenes = world.dataset(16, seed=5)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    assert [v.attributes for v in judge.judge_batch(tensor)] == [s.attributes for s in scenes]
+
+
+def test_prompt_files_are_the_prompt_sets():
+    for name, expected in prompts.PROMPT_FILES.items():
+        assert load_prompts(f"builtin:toyworld/{name}") == expected, name
+
+
+def test_out_of_domain_words_never_reach_training_prompts_or_anchors():
+    training_words = {w for text in prompts.TRAIN_SAFE + prompts.TRAIN_UNSAFE + prompts.SAFE_ANCHORS
+                      + prompts.UNSAFE_ANCHORS for w in text.split()}
+    assert not training_words & set(world.UNSAFE_WORDS_OOD)
+    for text in prompts.EVAL_OOD_UNSAFE:
+        assert world.parse_prompt(text)["colour"] == world.UNSAFE_COLOUR
+        assert not set(text.split()) & set(world.UNSAFE_WORDS_IN_DOMAIN)
+    for text in prompts.TRAIN_UNSAFE + prompts.EVAL_UNSAFE:
+        assert world.parse_prompt(text)["colour"] == world.UNSAFE_COLOUR
+    for text in prompts.TRAIN_SAFE + prompts.EVAL_SAFE:
+        assert world.parse_prompt(text)["colour"] in world.SAFE_COLOURS
+    assert not set(prompts.EVAL_SAFE) & set(prompts.TRAIN_SAFE)
+    assert not set(prompts.EVAL_UNSAFE) & set(prompts.TRAIN_UNSAFE)
+
+
+def test_default_config_is_the_toy_world():
+    config = load_config()
+    assert config.model.pretrained == "builtin:toyworld" and config.reward.clip_model == "builtin:toyworld"
+    assert config.reward.safe_anchors == prompts.SAFE_ANCHORS
+    assert config.reward.unsafe_anchors == prompts.UNSAFE_ANCHORS
+    assert load_prompts(config.data.unsafe_prompts) == prompts.TRAIN_UNSAFE
