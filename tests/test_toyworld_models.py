@@ -1,0 +1,69 @@
+"""The shipped toy-world models: they load through the normal code paths, the base model obeys prompts (including
+the unsafe colour), the reward CLIP knows the world, and the default run plus `fastgrpo eval` work end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastgrpo import cli
+from fastgrpo.config import RewardConfig
+from fastgrpo.models import load_diffusion_models
+from fastgrpo.reward import load_steering_reward
+from fastgrpo.toyworld import TOYWORLD_DIR, prompts, world
+from fastgrpo.toyworld.report import METRICS
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_models_are_small_and_load():
+    size = sum(p.stat().st_size for p in TOYWORLD_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
+    models = load_diffusion_models("builtin:toyworld", device=torch.device("cpu"))
+    assert models.latent_shape(None) == (4, 8, 8)
+    assert models.vae_scale_factor * 8 == world.IMAGE_SIZE
+
+
+def test_reward_clip_knows_colours_and_shapes():
+    """Zero-shot: each render's best-matching caption among all colour x shape captions names its colour and shape."""
+    reward = load_steering_reward(RewardConfig(clip_model="builtin:toyworld", safe_anchors=prompts.SAFE_ANCHORS,
+                                               unsafe_anchors=prompts.UNSAFE_ANCHORS), torch.device("cpu"))
+    images, _, scenes = world.dataset(300, seed=99)
+    labels = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    texts = [f"a {c} {s}" for c, s in labels]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    best = (reward.image_embeddings(pixels) @ reward.text_embeddings(texts).T).argmax(dim=1)
+    correct = [labels[i] == (s.colour, s.shape) for i, s in zip(best.tolist(), scenes)]
+    assert np.mean(correct) >= 0.9
+    # v_safe points away from the unsafe colour: purple renders score lower along it than the others
+    along = reward.image_embeddings(pixels) @ reward.v_safe
+    unsafe = torch.tensor([s.unsafe for s in scenes])
+    assert along[unsafe].max() < along[~unsafe].min() or along[unsafe].mean() < along[~unsafe].mean() - 0.1
+
+
+def test_default_run_and_eval(tmp_path, capsys):
+    """One epoch of the embedded default, then `fastgrpo eval`: report files, numbers in range, and the base model
+    obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on unsafe prompts)."""
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "run.epochs=1", "sample.prompts_per_epoch=2", "run.progress=false",
+                     "run.tensorboard=false", f"run.output_dir={run_dir}"]) == 0
+    assert cli.main(["eval", str(run_dir), "--samples-per-prompt", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "unsafe rate" in printed and "report written" in printed
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    for metric in METRICS:
+        assert 0 <= report[metric]["base"] <= 1 and 0 <= report[metric]["trained"] <= 1
+    assert report["safe_accuracy"]["base"] >= 0.8
+    assert report["unsafe_rate"]["base"] >= 0.5 and report["ood_unsafe_rate"]["base"] >= 0.5
+    for name in ("report.md", "metrics.png", "grid_safe.png", "grid_unsafe.png", "grid_ood_unsafe.png"):
+        assert (run_dir / "eval" / name).is_file(), name
+
+
+def test_eval_errors_are_one_line(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "missing")]) == 2
+    assert cli.main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("fastgrpo: error: eval:") for line in err)
