@@ -90,6 +90,9 @@ class TrainConfig:
     batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
     samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
                                 "train.batch_size", 16)
+    trainable_modules: list[str] = doc("Without LoRA: train only UNet parameters whose names contain one of these "
+                                       "strings (e.g. attn2.to_k, attn2.to_v: the cross-attention's text "
+                                       "projections); empty = the whole UNet", [])
     num_inner_epochs: int = doc("Passes over each epoch's samples", 1)
     max_grad_norm: float = doc("Gradient-norm clip; 0 = off", 1.0)
     ops_backend: str = doc("Backend of the log-prob/advantage/loss ops", "auto",
@@ -309,6 +312,8 @@ def validate(config: Config) -> None:
     _require(config.engine.mixed_precision != "fp16" or config.engine.deepspeed is not None,
              "engine.mixed_precision=fp16 needs engine.deepspeed (fp16 training needs DeepSpeed's loss scaling)")
     _require(config.lora.rank >= 0, f"lora.rank must be >= 0, got {config.lora.rank}")
+    _require(not (config.lora.rank > 0 and t.trainable_modules),
+             "train.trainable_modules applies to full fine-tuning; with LoRA set lora.target_modules instead")
     _require(0 <= config.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {config.lora.dropout}")
     _require(run.epochs >= 1, f"run.epochs must be >= 1, got {run.epochs}")
     _require(run.save_every >= 1, f"run.save_every must be >= 1, got {run.save_every}")

@@ -98,6 +98,21 @@ def load_diffusion_models(pretrained: str, *, device: torch.device, revision: st
                            tokenizer, scheduler, source)
 
 
+def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> int:
+    """Train only the parameters whose names contain one of `patterns` (all of them when empty); returns how many
+    parameters train. ConfigError when a pattern matches nothing."""
+    from fastgrpo.errors import ConfigError
+
+    if not patterns:
+        return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    unmatched = [pattern for pattern in patterns if not any(pattern in name for name, _ in unet.named_parameters())]
+    if unmatched:
+        raise ConfigError(f"train.trainable_modules: {unmatched[0]!r} matches no UNet parameter")
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(any(pattern in name for pattern in patterns))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
 def xformers_unavailable(device: torch.device) -> str | None:
     """None when xformers attention runs on `device`, else why not."""
     if device.type != "cuda":

@@ -27,7 +27,8 @@ from fastgrpo.errors import ConfigError
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
 from fastgrpo.grpo import LossSettings, UpdatePlan, epoch_advantages, plan_update, policy_update, shard_plan
 from fastgrpo.metrics import MetricsWriter, save_image_grid
-from fastgrpo.models import DiffusionModels, configure_unet, encode_prompts, load_diffusion_models
+from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, load_diffusion_models,
+                             select_trainable)
 from fastgrpo.prompts import PromptMixer, load_prompts
 from fastgrpo.reward import SteeringReward, load_steering_reward
 from fastgrpo.rng import generator
@@ -118,8 +119,10 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     ref_unet = None
     if config.lora.rank > 0:
         add_lora(models.unet, config.lora)  # the KL reference is this UNet with adapters disabled
-    elif config.train.kl_coef > 0:
-        ref_unet = copy.deepcopy(models.unet).requires_grad_(False)
+    else:
+        select_trainable(models.unet, config.train.trainable_modules)
+        if config.train.kl_coef > 0:
+            ref_unet = copy.deepcopy(models.unet).requires_grad_(False)
     engine = _build_engine(config, models.unet, world_size)
     start_epoch, global_step = 0, 0
     if checkpoint is not None:

@@ -97,3 +97,21 @@ def test_cli_bad_config_exits_2_with_one_line(args, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastgrpo: error:"), result.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_trainable_modules_select_parameters(tiny_pipeline_dir):
+    import torch
+
+    from fastgrpo.errors import ConfigError
+    from fastgrpo.models import load_diffusion_models, select_trainable
+
+    unet = load_diffusion_models(str(tiny_pipeline_dir), device=torch.device("cpu")).unet
+    total = sum(p.numel() for p in unet.parameters())
+    assert select_trainable(unet, []) == total
+    expected = sum(p.numel() for name, p in unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name)
+    assert 0 < select_trainable(unet, ["attn2.to_k", "attn2.to_v"]) == expected < total
+    assert all(p.requires_grad == (".attn2.to_k." in n or ".attn2.to_v." in n) for n, p in unet.named_parameters())
+    with pytest.raises(ConfigError, match="matches no UNet parameter"):
+        select_trainable(unet, ["no_such_module"])
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        load_config(None, ["lora.rank=4", "train.trainable_modules=[attn2.to_k]"])

@@ -67,3 +67,14 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("fastgrpo: error: eval:") for line in err)
+
+
+def test_eval_refuses_runs_it_cannot_judge(tmp_path, capsys):
+    from fastgrpo.config import load_config, render_yaml
+
+    config = load_config(None, ["model.pretrained=builtin:tiny-random"])
+    (tmp_path / "config.yaml").write_text(render_yaml(config))
+    (tmp_path / "checkpoints" / "epoch_0").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "epoch_0" / "trainer_state.pt").write_bytes(b"")
+    assert cli.main(["eval", str(tmp_path)]) == 2
+    assert "only toy-world runs" in capsys.readouterr().err
