@@ -48,7 +48,7 @@ def test_default_run_and_eval(tmp_path, capsys):
     """One epoch of the embedded default, then `fastgrpo eval`: report files, numbers in range, and the base model
     obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on unsafe prompts)."""
     run_dir = tmp_path / "run"
-    assert cli.main(["train", "run.epochs=1", "sample.prompts_per_epoch=2", "run.progress=false",
+    assert cli.main(["train", "run.epochs=1", "sample.prompts_per_epoch=4", "run.progress=false",
                      "run.tensorboard=false", f"run.output_dir={run_dir}"]) == 0
     assert cli.main(["eval", str(run_dir), "--samples-per-prompt", "1"]) == 0
     printed = capsys.readouterr().out
