@@ -41,7 +41,8 @@ def free_port() -> int:
 def launch(overrides: list[str], cwd: Path, ranks: int = 2) -> None:
     # the `deepspeed` launcher, run through this interpreter (a console script may not be on PATH yet)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), str(REPO / "fastgrpo" / "train.py"), *overrides]
+               "--master_port", str(free_port()), str(REPO / "fastgrpo" / "train.py"), "--config", "smoke",
+               *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=900, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -81,7 +82,7 @@ def runs(tmp_path_factory, tiny_pipeline_dir, tiny_clip_files, prompt_files):
             f"reward.clip_checkpoint={clip_checkpoint}", f"data.safe_prompts={safe}", f"data.unsafe_prompts={unsafe}",
             "sample.num_steps=4", "sample.group_size=4", "sample.batch_size=4", "train.learning_rate=1e-3",
             "train.clip_range=1e-2", "run.progress=false", "run.tensorboard=false", *SHAPE]
-    single = train(load_config(None, base + ["run.epochs=2", f"run.output_dir={root / 'single'}"]))
+    single = train(load_config("smoke", base + ["run.epochs=2", f"run.output_dir={root / 'single'}"]))
     zero2 = root / "zero2"
     launch(base + ["run.epochs=3", f"run.output_dir={zero2}", "engine.deepspeed=zero2"], root)
     resumed = root / "resumed"

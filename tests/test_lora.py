@@ -27,7 +27,7 @@ def image(pipeline) -> np.ndarray:
 
 
 def test_lora_checkpoints_load_in_a_stock_pipeline(tiny_overrides, tiny_pipeline_dir, tmp_path):
-    output = train(load_config(None, tiny_overrides + LORA + ["lora.export_merged=true"]))
+    output = train(load_config("smoke", tiny_overrides + LORA + ["lora.export_merged=true"]))
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert abs(steps[0]["ratio_max"] - 1) <= 1e-5 and abs(steps[0]["ratio_min"] - 1) <= 1e-5
@@ -46,9 +46,9 @@ def test_lora_checkpoints_load_in_a_stock_pipeline(tiny_overrides, tiny_pipeline
 
 
 def test_lora_resume_equals_uninterrupted(tiny_overrides, tmp_path):
-    straight = train(load_config(None, tiny_overrides + LORA + [f"run.output_dir={tmp_path / 'a'}"]))
+    straight = train(load_config("smoke", tiny_overrides + LORA + [f"run.output_dir={tmp_path / 'a'}"]))
     first = list_checkpoints(straight)[0][1]
-    resumed = train(load_config(None, tiny_overrides + LORA + [f"run.output_dir={tmp_path / 'b'}",
+    resumed = train(load_config("smoke", tiny_overrides + LORA + [f"run.output_dir={tmp_path / 'b'}",
                                                                f"run.resume={first}"]))
     a = load_file(str(list_checkpoints(straight)[-1][1] / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(list_checkpoints(resumed)[-1][1] / "lora" / "pytorch_lora_weights.safetensors"))

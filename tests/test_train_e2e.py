@@ -34,7 +34,7 @@ def unet_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_epochs_train_log_and_checkpoint(tiny_overrides, tiny_pipeline_dir):
-    config = load_config(None, tiny_overrides + ["run.save_every=1", "run.keep_last=1", "train.timestep_fraction=0.5",
+    config = load_config("smoke", tiny_overrides + ["run.save_every=1", "run.keep_last=1", "train.timestep_fraction=0.5",
                                                  "run.tensorboard=true"])
     output_dir = train(config)
     records = read_metrics(output_dir)
@@ -74,10 +74,10 @@ def test_two_epochs_train_log_and_checkpoint(tiny_overrides, tiny_pipeline_dir):
 def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
     common = tiny_overrides + ["run.save_every=1", "run.num_sample_images=0", "train.timestep_fraction=0.5",
                                "run.epochs=3"]
-    straight = train(load_config(None, common + [f"run.output_dir={tmp_path / 'straight'}"]))
+    straight = train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'straight'}"]))
     interrupted = tmp_path / "interrupted"
-    train(load_config(None, common + [f"run.output_dir={interrupted}", "run.epochs=2"]))
-    resumed = train(load_config(None, common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
+    train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.epochs=2"]))
+    resumed = train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
     a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
     # timings differ; a resumed process logs its memory report again
@@ -86,11 +86,11 @@ def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
     assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
     # resuming from an explicit directory works too
     explicit = list_checkpoints(interrupted)[0][1]
-    train(load_config(None, common + [f"run.output_dir={tmp_path / 'other'}", f"run.resume={explicit}"]))
+    train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'other'}", f"run.resume={explicit}"]))
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch):
-    config = load_config(None, tiny_overrides + ["run.save_every=1", "run.num_sample_images=0"])
+    config = load_config("smoke", tiny_overrides + ["run.save_every=1", "run.num_sample_images=0"])
     output_dir = Path(config.run.output_dir)
     import fastgrpo.checkpoint as checkpoint
 
@@ -109,12 +109,12 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch)
         train(config)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert [epoch for epoch, _ in list_checkpoints(output_dir)] == [0]
-    resumed = train(load_config(None, tiny_overrides + ["run.save_every=1", "run.resume=latest"]))
+    resumed = train(load_config("smoke", tiny_overrides + ["run.save_every=1", "run.resume=latest"]))
     assert [epoch for epoch, _ in list_checkpoints(resumed)] == [0, 1]
 
 
 def test_kl_penalty_and_options_run(tiny_overrides):
-    config = load_config(None, tiny_overrides + [
+    config = load_config("smoke", tiny_overrides + [
         "run.epochs=1", "train.kl_coef=0.1", "reward.mode=projection", "sample.same_noise_per_group=true",
         "train.adv_std=global", "train.drop_zero_std_groups=true", "train.num_inner_epochs=2", "train.warmup_steps=3"])
     records = read_metrics(train(config))
@@ -128,7 +128,8 @@ def run_cli(args, cwd, script=False):
     command = [sys.executable, str(REPO / "fastgrpo" / "train.py")] if script else \
         [sys.executable, "-m", "fastgrpo.cli", "train"]
     env = {**os.environ, "PYTHONPATH": ""}
-    return subprocess.run(command + args, capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+    return subprocess.run(command + ["--config", "smoke", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=env)
 
 
 def test_script_path_runs(tiny_overrides, tmp_path):
@@ -157,7 +158,7 @@ def test_cli_user_errors_exit_2_with_one_line(tiny_overrides, tmp_path, override
 def test_bf16_mixed_precision_keeps_fp32_trajectories(tiny_overrides):
     """bf16 autocast for the UNet and bf16 frozen models; trajectories and log-prob math stay fp32. The first step's
     ratios are 1 within what bf16 allows (the same bf16 forward at sampling and training)."""
-    config = load_config(None, tiny_overrides + ["run.epochs=1", "engine.mixed_precision=bf16"])
+    config = load_config("smoke", tiny_overrides + ["run.epochs=1", "engine.mixed_precision=bf16"])
     records = read_metrics(train(config))
     first = [r for r in records if "loss" in r][0]
     assert abs(first["ratio_max"] - 1) <= 1e-2 and abs(first["ratio_min"] - 1) <= 1e-2, first
