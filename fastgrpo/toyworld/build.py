@@ -6,7 +6,7 @@ and DIR/clip (an open_clip model-config JSON plus a safetensors checkpoint, the 
   2. text encoder + UNet together on VAE latents of renders with random captions (10% empty, for guidance),
      epsilon prediction with SD v1.x's noise schedule, an EMA of the UNet weights is saved;
   3. open_clip CLIP, contrastive, where every caption that fits an image counts as its positive.
-The defaults take about 30 minutes on 2 CPU cores.
+The defaults take about 40 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
