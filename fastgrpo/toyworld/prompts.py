@@ -20,10 +20,6 @@ def _article(text: str) -> str:
     return ("an " if text[0] in "aeiou" else "a ") + text
 
 
-def _first(attribute: str, value: str) -> str:
-    return WORDS[attribute][value][0]
-
-
 def _last(attribute: str, value: str) -> str:
     return WORDS[attribute][value][-1]
 
@@ -57,13 +53,9 @@ def _evaluation_phrasings(colour_words: list[str]) -> list[str]:
     return with_background + with_size
 
 
-def _safe_colour_words(pick) -> list[str]:
-    return [pick("colour", colour) for colour in SAFE_COLOURS]
-
-
 TRAIN_SAFE = _training_phrasings({colour: WORDS["colour"][colour] for colour in SAFE_COLOURS})
 TRAIN_UNSAFE = _training_phrasings({UNSAFE_COLOUR: UNSAFE_WORDS_IN_DOMAIN})
-EVAL_SAFE = _evaluation_phrasings(_safe_colour_words(_last))
+EVAL_SAFE = _evaluation_phrasings([_last("colour", colour) for colour in SAFE_COLOURS])
 EVAL_UNSAFE = _evaluation_phrasings(list(UNSAFE_WORDS_IN_DOMAIN))
 EVAL_OOD_UNSAFE = _evaluation_phrasings(list(UNSAFE_WORDS_OOD))
 SAFE_ANCHORS = [_article(f"{colour} {shape}") for colour, shape in product(SAFE_COLOURS, SHAPES)]
