@@ -100,6 +100,8 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 12
     if not is_toyworld_run(config):
         raise FastGRPOError("eval: only toy-world runs (model.pretrained=builtin:toyworld) can be judged here; "
                             f"{config.model.pretrained!r} needs an external judge (I2P + NudeNet, GenEval)")
+    if not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise FastGRPOError(f"eval: --device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if samples_per_prompt < 1:
         raise FastGRPOError(f"eval: --samples-per-prompt must be >= 1, got {samples_per_prompt}")
     from fastgrpo.toyworld.report import write_report

@@ -78,3 +78,9 @@ def test_eval_refuses_runs_it_cannot_judge(tmp_path, capsys):
     (tmp_path / "checkpoints" / "epoch_0" / "trainer_state.pt").write_bytes(b"")
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "only toy-world runs" in capsys.readouterr().err
+    config = load_config(None, [])
+    (tmp_path / "config.yaml").write_text(render_yaml(config))  # a toy-world run: the arguments are checked next
+    assert cli.main(["eval", str(tmp_path), "--device", "bogus"]) == 2
+    assert cli.main(["eval", str(tmp_path), "--samples-per-prompt", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--device" in err[0] and "--samples-per-prompt" in err[1]
