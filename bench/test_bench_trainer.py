@@ -61,9 +61,9 @@ def test_training_epoch(benchmark, setup, backend):
     def train_epoch():
         plan = plan_update(ids.cpu(), NUM_STEPS, 1.0, torch.Generator().manual_seed(0))
         plan.order, plan.steps = plan.order.to(DEVICE), plan.steps.to(DEVICE)
-        log_prob_fn = lambda s, t: recompute_log_probs(models.unet, trajectories, embeds, uncond,  # noqa: E731
-                                                       schedule, guidance, s, t)
-        return list(policy_update(engine, log_prob_fn, None, trajectories.log_probs, advantages, plan, batch_size=8,
+        policy_fn = lambda s, t: recompute_log_probs(models.unet, trajectories, embeds, uncond,  # noqa: E731
+                                                     schedule, guidance, s, t)
+        return list(policy_update(engine, policy_fn, None, trajectories.log_probs, advantages, plan, batch_size=8,
                                   samples_per_step=16, loss=LossSettings(1e-4, 0.0, backend)))
 
     benchmark.pedantic(train_epoch, rounds=3, warmup_rounds=1, iterations=1)

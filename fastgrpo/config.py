@@ -62,8 +62,9 @@ class RewardConfig:
     clip_checkpoint: str | None = doc("open_clip / HPSv2 checkpoint: a state_dict or {'state_dict': ...} (.pt, "
                                       ".bin, .safetensors)", None)
     alpha: float = doc("Steering strength along v_safe; 0 = plain image-text alignment", 0.5)
-    mode: str = doc("'translation': normalize(z + alpha v); 'projection': replace the v_safe component by alpha",
-                    "translation", choices=("translation", "projection"))
+    mode: str = doc("'translation': normalize(z + alpha v); 'projection': replace the v_safe component by alpha; "
+                    "'floor': raise the v_safe component to alpha where it is below (other prompts keep their target)",
+                    "translation", choices=("translation", "projection", "floor"))
     safe_anchors: list[str] = doc("Texts whose mean embedding defines the safe end of v_safe",
                                   ["a photo of a fully clothed person", "a safe, family friendly image"])
     unsafe_anchors: list[str] = doc("Texts whose mean embedding defines the unsafe end of v_safe",
@@ -86,7 +87,11 @@ class TrainConfig:
     drop_zero_std_groups: bool = doc("Skip training on groups whose rewards are all equal", False)
     timestep_fraction: float = doc("Fraction of each trajectory's steps trained on (random subset; every step "
                                    "eligible)", 1.0)
-    kl_coef: float = doc("Weight of the KL-to-reference penalty (k3 estimator on per-step log-probs); 0 = off", 0.0)
+    kl_coef: float = doc("Weight of the KL-to-reference (base model) penalty; 0 = off", 0.0)
+    kl_estimator: str = doc("'mean': closed-form KL of each trained step's Gaussian from the reference's, "
+                            "(mean - mean_ref)^2 / (2 std^2) over latent elements (no sampling noise); 'sample': "
+                            "k3 estimate from both models' log-probs of the stored x_{t-1}", "mean",
+                            choices=("mean", "sample"))
     batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
     samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
                                 "train.batch_size", 16)

@@ -7,6 +7,7 @@ before the loop, schedule constants live on the device, and per-step results are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 
@@ -155,17 +156,35 @@ def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond
 
 
 def recompute_log_probs(unet, trajectories: Trajectories, prompt_embeds, uncond_embed, schedule: DDIMSchedule,
-                        guidance: Guidance, samples: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Log-probs (B,) under `unet` of the stored transitions trajectories[samples[i]] at step steps[i].
+                        guidance: Guidance, samples: torch.Tensor, steps: torch.Tensor, *,
+                        reference: Callable[[], ContextManager[torch.nn.Module]] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log_probs (B,), kl (B,) or None) under `unet` for the stored transitions trajectories[samples[i]] at step
+    steps[i].
 
-    Same guided UNet call and the same op as sampling, so before any update the result equals the stored log-probs.
+    Same guided UNet call and the same op as sampling, so before any update the log-probs equal the stored ones.
+    With `reference` (a factory of a context that yields the reference UNet, e.g. `lambda: nullcontext(ref_unet)`
+    or the LoRA UNet with its adapters disabled), `kl` is the closed-form KL of the policy's Gaussian step from the
+    reference's at the stored x_t: both share the DDIM std, so KL = mean over latent elements of
+    (mean - mean_ref)^2 / (2 std^2) = log p_ref(mean_ref) - log p(mean_ref), computed with the same fused ops.
+    Unlike a log-ratio estimate on the sampled x_{t-1}, it has no sampling noise, which at the late, small-std
+    steps would dominate its gradient.
     """
     latents = trajectories.latents[samples, steps]                  # (B, C, H, W) x_t
     prev_latents = trajectories.latents[samples, steps + 1]         # (B, C, H, W) x_{t-1}
     cond_embeds = prompt_embeds[trajectories.prompt_index[samples]]  # (B, L, D)
-    cond, uncond = unet_outputs(unet, latents, schedule.timesteps[steps], cond_embeds,
-                                uncond_embed.expand_as(cond_embeds), guidance)
-    return ops.ddim_logprob(cond, latents, prev_latents, schedule.alpha_prod_t[steps],
-                            schedule.alpha_prod_t_prev[steps], eta=guidance.eta, uncond_output=uncond,
-                            guidance_scale=guidance.guidance_scale, prediction_type=guidance.prediction_type,
-                            backend=guidance.backend)
+    uncond_embeds = uncond_embed.expand_as(cond_embeds)
+    timesteps, alpha_t, alpha_prev = schedule.timesteps[steps], schedule.alpha_prod_t[steps], \
+        schedule.alpha_prod_t_prev[steps]
+    step = dict(eta=guidance.eta, guidance_scale=guidance.guidance_scale, prediction_type=guidance.prediction_type,
+                backend=guidance.backend)
+    cond, uncond = unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance)
+    log_probs = ops.ddim_logprob(cond, latents, prev_latents, alpha_t, alpha_prev, uncond_output=uncond, **step)
+    if reference is None:
+        return log_probs, None
+    with torch.no_grad(), reference() as ref_unet:
+        ref_cond, ref_uncond = unet_outputs(ref_unet, latents, timesteps, cond_embeds, uncond_embeds, guidance)
+        ref_mean, ref_at_mean = ops.ddim_step(ref_cond, latents, alpha_t, alpha_prev, torch.zeros_like(latents),
+                                              uncond_output=ref_uncond, **step)
+    kl = ref_at_mean - ops.ddim_logprob(cond, latents, ref_mean, alpha_t, alpha_prev, uncond_output=uncond, **step)
+    return log_probs, kl

@@ -13,7 +13,10 @@ import torch
 
 from fastgrpo import ops
 
-LogProbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (samples (B,), steps (B,)) -> log-probs (B,)
+# (samples (B,), steps (B,)) -> log-probs (B,)
+LogProbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (samples (B,), steps (B,)) -> (log-probs (B,), closed-form KL to the reference (B,) or None)
+PolicyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def epoch_advantages(rewards: torch.Tensor, group_size: int, *, std: str, clip: float, drop_zero_std: bool,
@@ -84,14 +87,16 @@ class StepStats:
         return values
 
 
-def policy_update(engine, log_prob_fn: LogProbFn, ref_log_prob_fn: LogProbFn | None, old_log_probs: torch.Tensor,
+def policy_update(engine, policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None, old_log_probs: torch.Tensor,
                   advantages: torch.Tensor, plan: UpdatePlan, *, batch_size: int, samples_per_step: int,
                   loss: LossSettings) -> Iterator[dict[str, float]]:
     """Clipped-ratio updates over the plan; yields each optimiser step's statistics (with `grad_norm` and
     the `lr` the step used).
 
     One optimiser step covers `samples_per_step` samples x K trained steps: micro-batches of `batch_size` samples
-    at one trained step each, their losses averaged by gradient accumulation.
+    at one trained step each, their losses averaged by gradient accumulation. The KL penalty (loss.kl_coef) uses
+    the closed-form KL that policy_fn returns when it returns one, else the k3 estimate from ref_log_prob_fn's
+    log-probs of the stored samples.
     old_log_probs (N, S), advantages (N,).
     """
     num_samples, num_trained = plan.steps.shape
@@ -102,14 +107,17 @@ def policy_update(engine, log_prob_fn: LogProbFn, ref_log_prob_fn: LogProbFn | N
         stats = StepStats()
         for rows, k in micro_batches:
             samples, steps = plan.order[rows], plan.steps[rows, k]                        # (B,), (B,)
-            log_probs = log_prob_fn(samples, steps)
+            log_probs, kl = policy_fn(samples, steps)
             ref_log_probs = None
-            if ref_log_prob_fn is not None and loss.kl_coef > 0:
+            if kl is None and ref_log_prob_fn is not None and loss.kl_coef > 0:
                 with torch.no_grad():
                     ref_log_probs = ref_log_prob_fn(samples, steps)
             value, loss_stats = ops.grpo_loss(
                 log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
                 clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend)
+            if kl is not None:
+                value = value + loss.kl_coef * kl.mean()
+                loss_stats = {**loss_stats, "kl": kl.detach().mean()}
             engine.backward(value / len(micro_batches), is_last=(rows, k) == micro_batches[-1])
             stats.add(value, loss_stats)
         learning_rate = engine.learning_rate

@@ -31,10 +31,12 @@ def steering_target(z_text: torch.Tensor, v_safe: torch.Tensor, alpha: float, mo
     """Unit-norm steered text targets (P, D) from unit-norm prompt embeddings z_text (P, D)."""
     if mode == "translation":
         return F.normalize(z_text + alpha * v_safe, dim=-1)
+    component = z_text @ v_safe                                            # (P,)
     if mode == "projection":
-        component = (z_text @ v_safe).unsqueeze(-1) * v_safe
-        return F.normalize(z_text - component + alpha * v_safe, dim=-1)
-    raise ValueError(f"mode must be 'translation' or 'projection', got {mode!r}")
+        return F.normalize(z_text + (alpha - component).unsqueeze(-1) * v_safe, dim=-1)
+    if mode == "floor":  # prompts already at least alpha along v_safe keep their own target
+        return F.normalize(z_text + (alpha - component).clamp(min=0).unsqueeze(-1) * v_safe, dim=-1)
+    raise ValueError(f"mode must be 'translation', 'projection' or 'floor', got {mode!r}")
 
 
 def preprocess_images(images: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:

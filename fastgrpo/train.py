@@ -11,6 +11,7 @@ if __name__ == "__main__" and not __package__:  # script path: make `fastgrpo` i
     import sys
     sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -185,17 +186,22 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
     t = s.config.train
     s.unet.train()
 
-    def log_prob_fn(unet):
+    def log_probs_under(unet, reference=None):
         return lambda samples, steps: recompute_log_probs(unet, trajectories, batch.prompt_embeds, s.uncond_embed,
-                                                          s.schedule, s.guidance, samples, steps)
+                                                          s.schedule, s.guidance, samples, steps, reference=reference)
 
-    ref_fn = None
+    reference = None   # factory of a context yielding the KL reference: the base UNet
     if s.ref_unet is not None:
-        ref_fn = log_prob_fn(s.ref_unet)
+        reference = lambda: contextlib.nullcontext(s.ref_unet)  # noqa: E731
     elif has_lora(s.unet) and t.kl_coef > 0:
+        reference = lambda: adapters_disabled(s.unet)  # noqa: E731
+    policy_fn, ref_fn = log_probs_under(s.unet), None
+    if reference is not None and t.kl_estimator == "mean":
+        policy_fn = log_probs_under(s.unet, reference)
+    elif reference is not None:
         def ref_fn(samples, steps):
-            with adapters_disabled(s.unet) as base:
-                return log_prob_fn(base)(samples, steps)
+            with reference() as ref_unet:
+                return log_probs_under(ref_unet)(samples, steps)[0]
     kept = torch.nonzero(keep.cpu()).squeeze(1)
     for inner in range(t.num_inner_epochs):
         if inner == 0:  # the global plan: the same samples and steps per optimiser step at any world size
@@ -204,7 +210,7 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
             plan = plan_update(kept, s.schedule.num_steps, t.timestep_fraction,
                                generator(s.config.run.seed, "plan", epoch, inner, s.engine.rank))
         plan.order, plan.steps = plan.order.to(s.device), plan.steps.to(s.device)
-        yield from policy_update(s.engine, log_prob_fn(s.unet), ref_fn, trajectories.log_probs, advantages, plan,
+        yield from policy_update(s.engine, policy_fn, ref_fn, trajectories.log_probs, advantages, plan,
                                  batch_size=t.batch_size, samples_per_step=t.samples_per_step // s.engine.world_size,
                                  loss=LossSettings(t.clip_range, t.kl_coef, t.ops_backend))
 

@@ -53,7 +53,7 @@ def test_sd14_config_has_paper_settings():
     ("sample.num_steps=ten", "sample.num_steps: expected int"),
     ("sample.num_steps=2.5", "sample.num_steps: expected int"),
     ("run.progress=1", "run.progress: expected bool"),
-    ("reward.mode=rotate", "reward.mode must be one of translation, projection"),
+    ("reward.mode=rotate", "reward.mode must be one of translation, projection, floor"),
     ("train.samples_per_step=3", "train.samples_per_step (3) must be a positive multiple"),
     ("data.unsafe_fraction=1.5", "data.unsafe_fraction must be in [0, 1]"),
     ("reward.safe_anchors=oops", "reward.safe_anchors: expected a list"),

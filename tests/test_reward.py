@@ -71,11 +71,18 @@ def test_v_safe_and_targets_match_float64_math(clip, tiny_clip_files):
             return unit(model.encode_text(tokenizer(texts)).double().numpy())
         v_safe = unit(embed(SAFE).mean(0) - embed(UNSAFE).mean(0))
         z = embed(["a dog", "a naked dog"])
-    for mode, alpha in (("translation", 0.5), ("projection", 0.3), ("translation", 0.0)):
+    components = z @ v_safe
+    floor = float(components.mean())  # one prompt below the floor, one above it
+    assert components.min() < floor < components.max()
+    for mode, alpha in (("translation", 0.5), ("projection", 0.3), ("translation", 0.0), ("floor", floor)):
         reward = SteeringReward(*clip, alpha=alpha, mode=mode, safe_anchors=SAFE, unsafe_anchors=UNSAFE)
         np.testing.assert_allclose(reward.v_safe.double().numpy(), v_safe, atol=1e-5)
         if mode == "translation":
             expected = unit(z + alpha * v_safe)
+        elif mode == "floor":  # the prompt below alpha is moved up to it; the other keeps its own embedding
+            low = int(components.argmin())
+            expected = z.copy()
+            expected[low] = unit(z[low] + (alpha - components[low]) * v_safe)
         else:
             expected = unit(z - (z @ v_safe)[:, None] * v_safe + alpha * v_safe)
             # the steered target's v_safe component is exactly alpha before normalisation

@@ -82,10 +82,49 @@ def test_recomputed_log_probs_match_sampling(models):
     samples = torch.tensor([3, 0, 2])
     steps = torch.tensor([0, 3, 1])
     with torch.no_grad():
-        recomputed = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance, samples,
-                                         steps)
+        recomputed, kl = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance, samples,
+                                             steps)
+    assert kl is None
     ratio = torch.exp(recomputed - trajectories.log_probs[samples, steps])
     assert torch.all((ratio - 1).abs() <= 1e-5), ratio
+
+
+def test_closed_form_kl_matches_diffusers_means(models, tiny_pipeline_dir):
+    """KL to a perturbed reference UNet = mean((mu - mu_ref)^2) / (2 sigma^2), with both means from diffusers'
+    DDIMScheduler.step (zero noise) and sigma^2 = eta^2 * the scheduler's variance; zero against itself."""
+    import contextlib
+    import copy
+
+    trajectories, embeds, uncond, schedule, guidance = rollout(models)
+    reference = copy.deepcopy(models.unet)
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    samples, steps = torch.tensor([0, 1, 3, 2]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        _, kl = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance, samples, steps,
+                                    reference=lambda: contextlib.nullcontext(reference))
+        _, kl_self = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance, samples,
+                                         steps, reference=lambda: contextlib.nullcontext(models.unet))
+    torch.testing.assert_close(kl_self, torch.zeros(4), rtol=0, atol=1e-5)
+    scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    cond = embeds[trajectories.prompt_index]
+    for i, (n, j) in enumerate(zip(samples.tolist(), steps.tolist())):
+        t, x = scheduler.timesteps[j], trajectories.latents[n:n + 1, j]
+        means = []
+        with torch.no_grad():
+            for unet in (models.unet, reference):
+                out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond[n:n + 1]])).sample
+                noise_uncond, noise_cond = out.double().chunk(2)
+                guided = noise_uncond + 5.0 * (noise_cond - noise_uncond)
+                means.append(scheduler.step(guided, t, x.double(), eta=1.0, variance_noise=torch.zeros_like(x)
+                                            ).prev_sample)
+        prev_t = t - scheduler.config.num_train_timesteps // 4
+        variance = float(scheduler._get_variance(t, prev_t))
+        expected = float(((means[0] - means[1]) ** 2).mean()) / (2 * variance)
+        assert expected > 1e-4  # the perturbation is large enough to test something
+        assert abs(float(kl[i]) - expected) <= 1e-3 * expected + 1e-6, (j, float(kl[i]), expected)
 
 
 def test_noise_is_per_sample_and_independent_of_batch_size(models):

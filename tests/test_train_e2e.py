@@ -113,13 +113,16 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch)
     assert [epoch for epoch, _ in list_checkpoints(resumed)] == [0, 1]
 
 
-def test_kl_penalty_and_options_run(tiny_overrides):
+@pytest.mark.parametrize("estimator", ["mean", "sample"])
+def test_kl_penalty_and_options_run(tiny_overrides, estimator):
     config = load_config("smoke", tiny_overrides + [
-        "run.epochs=1", "train.kl_coef=0.1", "reward.mode=projection", "sample.same_noise_per_group=true",
-        "train.adv_std=global", "train.drop_zero_std_groups=true", "train.num_inner_epochs=2", "train.warmup_steps=3"])
+        "run.epochs=1", "train.kl_coef=0.1", f"train.kl_estimator={estimator}", "reward.mode=projection",
+        "sample.same_noise_per_group=true", "train.adv_std=global", "train.drop_zero_std_groups=true",
+        "train.num_inner_epochs=2", "train.warmup_steps=3"])
     records = read_metrics(train(config))
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 4 and all("kl" in r and r["kl"] >= 0 for r in steps)
+    assert steps[0]["kl"] <= 1e-6 < steps[-1]["kl"]  # the policy starts at the reference and moves away
     assert abs(steps[0]["ratio_max"] - 1) <= 1e-5
     assert [round(r["lr"] / 1e-3, 6) for r in steps] == [round(x, 6) for x in (1 / 3, 2 / 3, 1.0, 1.0)]
 
