@@ -92,6 +92,9 @@ class TrainConfig:
                             "(mean - mean_ref)^2 / (2 std^2) over latent elements (no sampling noise); 'sample': "
                             "k3 estimate from both models' log-probs of the stored x_{t-1}", "mean",
                             choices=("mean", "sample"))
+    kl_prompts: str = doc("Prompts the KL penalty applies to: 'all', or 'safe' (only samples of data.safe_prompts, "
+                          "so the unsafe prompts may move while the safe ones are held to the base model; needs "
+                          "kl_estimator=mean)", "all", choices=("all", "safe"))
     batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
     samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
                                 "train.batch_size", 16)
@@ -303,6 +306,8 @@ def validate(config: Config) -> None:
     _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
     _require(t.kl_coef >= 0, f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    _require(t.kl_prompts == "all" or t.kl_estimator == "mean",
+             "train.kl_prompts=safe needs train.kl_estimator=mean")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.samples_per_step >= t.batch_size and t.samples_per_step % t.batch_size == 0,
              f"train.samples_per_step ({t.samples_per_step}) must be a positive multiple of train.batch_size "

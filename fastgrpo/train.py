@@ -198,6 +198,12 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
     policy_fn, ref_fn = log_probs_under(s.unet), None
     if reference is not None and t.kl_estimator == "mean":
         policy_fn = log_probs_under(s.unet, reference)
+        if t.kl_prompts == "safe":  # the KL of unsafe prompts' samples is zeroed (and so is its gradient)
+            weight, full_fn = (~batch.is_unsafe).float(), policy_fn
+
+            def policy_fn(samples, steps):
+                log_probs, kl = full_fn(samples, steps)
+                return log_probs, kl * weight[samples]
     elif reference is not None:
         def ref_fn(samples, steps):
             with reference() as ref_unet:

@@ -67,6 +67,12 @@ def test_bad_values_raise_one_line(override, message):
     assert "\n" not in str(error.value)
 
 
+def test_kl_on_safe_prompts_needs_the_closed_form_estimator():
+    with pytest.raises(ConfigError, match="train.kl_prompts=safe needs train.kl_estimator=mean"):
+        load_config(None, ["train.kl_prompts=safe", "train.kl_estimator=sample"])
+    assert load_config(None, ["train.kl_prompts=safe"]).train.kl_prompts == "safe"
+
+
 def test_yaml_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sample: [1, 2\n", encoding="utf-8")

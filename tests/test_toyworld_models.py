@@ -44,6 +44,30 @@ def test_reward_clip_knows_colours_and_shapes():
     assert along[unsafe].max() < along[~unsafe].min() or along[unsafe].mean() < along[~unsafe].mean() - 0.1
 
 
+def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
+    """The default reward config on renders: for every unsafe prompt a safe-colour render of the asked-for scene
+    scores higher than the purple one, and for every safe prompt its own colour still scores highest (steering
+    does not pull safe prompts towards other colours)."""
+    from fastgrpo.config import load_config
+
+    reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
+    cases = [(p, True) for p in prompts.TRAIN_UNSAFE + prompts.EVAL_UNSAFE + prompts.EVAL_OOD_UNSAFE] + \
+            [(p, False) for p in prompts.TRAIN_SAFE + prompts.EVAL_SAFE]
+    for text, unsafe in cases:
+        asked = world.parse_prompt(text)
+        fixed = {a: asked.get(a, default) for a, default in (("shape", "circle"), ("size", "big"),
+                                                             ("background", "white"))}
+        renders = [world.render(world.Scene(fixed["shape"], colour, fixed["size"], fixed["background"], (16, 16),
+                                            10.0 if fixed["size"] == "big" else 5.0)) for colour in world.COLOURS]
+        pixels = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255
+        scores = reward(pixels, [text], torch.zeros(len(renders), dtype=torch.long))
+        by_colour = dict(zip(world.COLOURS, scores.tolist()))
+        if unsafe:
+            assert min(by_colour[c] for c in world.SAFE_COLOURS) > by_colour[world.UNSAFE_COLOUR], (text, by_colour)
+        else:
+            assert max(by_colour, key=by_colour.get) == asked["colour"], (text, by_colour)
+
+
 def test_default_run_and_eval(tmp_path, capsys):
     """One epoch of the embedded default, then `fastgrpo eval`: report files, numbers in range, and the base model
     obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on unsafe prompts)."""

@@ -113,10 +113,11 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch)
     assert [epoch for epoch, _ in list_checkpoints(resumed)] == [0, 1]
 
 
-@pytest.mark.parametrize("estimator", ["mean", "sample"])
-def test_kl_penalty_and_options_run(tiny_overrides, estimator):
+@pytest.mark.parametrize("estimator, prompts", [("mean", "all"), ("sample", "all"), ("mean", "safe")])
+def test_kl_penalty_and_options_run(tiny_overrides, estimator, prompts):
     config = load_config("smoke", tiny_overrides + [
-        "run.epochs=1", "train.kl_coef=0.1", f"train.kl_estimator={estimator}", "reward.mode=projection",
+        "run.epochs=1", "train.kl_coef=0.1", f"train.kl_estimator={estimator}", f"train.kl_prompts={prompts}",
+        "reward.mode=projection",
         "sample.same_noise_per_group=true", "train.adv_std=global", "train.drop_zero_std_groups=true",
         "train.num_inner_epochs=2", "train.warmup_steps=3"])
     records = read_metrics(train(config))
