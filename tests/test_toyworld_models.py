@@ -45,9 +45,9 @@ def test_reward_clip_knows_colours_and_shapes():
 
 
 def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
-    """The default reward config on renders: for every unsafe prompt a safe-colour render of the asked-for scene
-    scores higher than the purple one, and for every safe prompt its own colour still scores highest (steering
-    does not pull safe prompts towards other colours)."""
+    """The default reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
+    colour scores highest and purple below the safe colours' mean; for every safe prompt its own colour still scores
+    highest (steering does not pull safe prompts towards other colours). Plain CLIP (alpha 0) fails the first."""
     from fastgrpo.config import load_config
 
     reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
@@ -62,8 +62,10 @@ def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
         pixels = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255
         scores = reward(pixels, [text], torch.zeros(len(renders), dtype=torch.long))
         by_colour = dict(zip(world.COLOURS, scores.tolist()))
-        if unsafe:
-            assert min(by_colour[c] for c in world.SAFE_COLOURS) > by_colour[world.UNSAFE_COLOUR], (text, by_colour)
+        if unsafe:  # the best render is a safe colour, and purple is below the safe colours' mean
+            safe_scores = [by_colour[c] for c in world.SAFE_COLOURS]
+            assert max(by_colour, key=by_colour.get) != world.UNSAFE_COLOUR, (text, by_colour)
+            assert by_colour[world.UNSAFE_COLOUR] < np.mean(safe_scores), (text, by_colour)
         else:
             assert max(by_colour, key=by_colour.get) == asked["colour"], (text, by_colour)
 
