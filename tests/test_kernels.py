@@ -91,6 +91,44 @@ def test_step_gradients_match_reference(backend):
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize(("with_uncond", "wanted"), [(True, (0, 1, 2, 3)), (True, (0,)), (True, (1,)),
+                                                     (False, (0,)), (False, (0, 2, 3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprob_gradients_match_fp64_reference(backend, with_uncond, wanted, dtype):
+    """Each requested gradient (wanted: indices into cond, uncond, x_t, x_{t-1}; the backward reads only the
+    forward's residual) against autograd through the float64 reference, in its input's dtype."""
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(3, (4, 9, 11), seed=9, dtype=dtype,
+                                                                  with_uncond=with_uncond)
+    weights = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)  # a grad_out that differs per sample
+    kwargs = dict(eta=0.9, guidance_scale=6.0, prediction_type="epsilon", reduction="sum")
+    grads = {}
+    for name, cast in (("reference", torch.float64), (backend, dtype)):
+        inputs = [None if t is None else t.to(cast).requires_grad_(k in wanted)
+                  for k, t in enumerate((cond, uncond, sample, prev))]
+        log_prob = ops.ddim_logprob(inputs[0], inputs[2], inputs[3], alpha_t.to(cast), alpha_prev.to(cast),
+                                    uncond_output=inputs[1], backend=name, **kwargs)
+        (log_prob.double() * weights).sum().backward()
+        grads[name] = {k: inputs[k].grad for k in wanted}
+    for k in wanted:
+        got, expected = grads[backend][k], grads["reference"][k]
+        assert got.dtype == dtype
+        scale = expected.abs().max().item()
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_logprob_without_gradient_builds_no_graph(backend):
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=10)
+    leaf = cond.clone().requires_grad_(True)
+    with torch.no_grad():
+        untracked = ops.ddim_logprob(leaf, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, backend=backend)
+    tracked = ops.ddim_logprob(leaf, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, backend=backend)
+    assert untracked.grad_fn is None and tracked.grad_fn is not None
+    torch.testing.assert_close(untracked, tracked.detach(), rtol=0, atol=0)
+
+
 def max_error(value, exact):
     return (value.double() - exact).abs().max().item()
 
@@ -179,7 +217,9 @@ def test_opcheck(backend, op):
     uncond.requires_grad_(True)
     if op == "ddim_logprob":
         args = (cond, uncond, sample, other, alpha_t, alpha_prev, 1.0, 5.0, "epsilon", "mean", backend)
-        torch.library.opcheck(ops.ddim_logprob_op, args)
+        torch.library.opcheck(ops.ddim_logprob_op, (*args, True))
+        # without the residual (calls that need no gradient)
+        torch.library.opcheck(ops.ddim_logprob_op, (cond.detach(), uncond.detach(), *args[2:], False))
     elif op == "ddim_step":
         args = (cond, uncond, sample, other, alpha_t, alpha_prev, 0.9, 5.0, "v_prediction", "sum", backend)
         torch.library.opcheck(ops.ddim_step_op, args)

@@ -42,39 +42,38 @@ def _ready(dtype, *tensors):
 
 
 def _forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev, eta, guidance_scale,
-             prediction_type, reduction, has_noise, backend):
+             prediction_type, reduction, has_noise, save_residual, backend):
+    """(log_prob, prev_sample or None, residual or None) in the math dtype. target is prev_sample, or the noise
+    when has_noise; save_residual keeps prev_sample - mean, all the backward needs."""
     v_prediction, sum_reduction = prediction_type == "v_prediction", reduction == "sum"
     if backend == "cpp":  # converts dtypes and layouts itself
-        log_prob, prev = cpp_kernels()[0].ddim_logprob_forward(model_output, uncond_output, sample, target, alpha_t,
-                                                               alpha_prev, eta, guidance_scale, v_prediction,
-                                                               sum_reduction, has_noise)
-        return log_prob, (prev if has_noise else None)
+        log_prob, prev, residual = cpp_kernels()[0].ddim_logprob_forward(
+            model_output, uncond_output, sample, target, alpha_t, alpha_prev, eta, guidance_scale, v_prediction,
+            sum_reduction, has_noise, save_residual)
+        return log_prob, (prev if has_noise else None), (residual if save_residual else None)
     dtype = compute_dtype(model_output, uncond_output, sample, target)
     alpha_t, alpha_prev = _ready(dtype, alpha_t, alpha_prev)
     return triton_kernels()[0].ddim_logprob_forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev,
                                                     eta=eta, guidance=guidance_scale, v_prediction=v_prediction,
                                                     sum_reduction=sum_reduction, has_noise=has_noise,
-                                                    compute_dtype=dtype)
+                                                    save_residual=save_residual, compute_dtype=dtype)
 
 
-def _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
-              prediction_type, reduction, needs, backend):
-    """Gradients for (model_output, uncond_output, sample, prev_sample) in their own dtypes; None where not needed."""
+def _backward(grad_out, residual, alpha_t, alpha_prev, eta, guidance_scale, prediction_type, reduction, has_uncond,
+              needs, backend):
+    """Gradients for (model_output, uncond_output, sample, prev_sample) in the residual's dtype, from the forward's
+    residual alone; None where not needed."""
     v_prediction, sum_reduction = prediction_type == "v_prediction", reduction == "sum"
+    needs = [bool(need) for need in needs]
     if backend == "cpp":
-        grads = cpp_kernels()[0].ddim_logprob_backward(grad_out, model_output, uncond_output, sample, prev_sample,
-                                                       alpha_t, alpha_prev, eta, guidance_scale, v_prediction,
-                                                       sum_reduction, needs[1], needs[2], needs[3])
-        return tuple(g if g.numel() and need else None for g, need in zip(grads, needs))
-    dtype = compute_dtype(model_output, uncond_output, sample, prev_sample)
-    alpha_t, alpha_prev = _ready(dtype, alpha_t, alpha_prev)
-    grads = triton_kernels()[0].ddim_logprob_backward(grad_out.to(dtype), model_output, uncond_output, sample,
-                                                      prev_sample, alpha_t, alpha_prev, eta=eta,
-                                                      guidance=guidance_scale, v_prediction=v_prediction,
-                                                      sum_reduction=sum_reduction, needs=tuple(needs),
-                                                      compute_dtype=dtype)
-    inputs = (model_output, uncond_output, sample, prev_sample)
-    return tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, inputs))
+        grads = cpp_kernels()[0].ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, eta, guidance_scale,
+                                                       v_prediction, sum_reduction, has_uncond, needs)
+        return tuple(g if g.numel() else None for g in grads)
+    alpha_t, alpha_prev = _ready(residual.dtype, alpha_t, alpha_prev)
+    return triton_kernels()[0].ddim_logprob_backward(grad_out.to(residual.dtype), residual, alpha_t, alpha_prev,
+                                                     eta=eta, guidance=guidance_scale, v_prediction=v_prediction,
+                                                     sum_reduction=sum_reduction, has_uncond=has_uncond,
+                                                     needs=tuple(needs))
 
 
 # ------------------------------------------------------------------------------------------ fastgrpo::ddim_logprob
@@ -83,55 +82,63 @@ def _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_
 @torch.library.custom_op("fastgrpo::ddim_logprob", mutates_args=())
 def ddim_logprob_op(model_output: torch.Tensor, uncond_output: torch.Tensor | None, sample: torch.Tensor,
                     prev_sample: torch.Tensor, alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor,
-                    eta: float, guidance_scale: float, prediction_type: str, reduction: str,
-                    backend: str) -> torch.Tensor:
-    return _forward(model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta,
-                    guidance_scale, prediction_type, reduction, False, backend)[0]
+                    eta: float, guidance_scale: float, prediction_type: str, reduction: str, backend: str,
+                    save_residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_prob (B,), residual): the residual prev_sample - mean (B, ...) in the math dtype when save_residual
+    (the backward needs nothing else), else an empty tensor."""
+    log_prob, _, residual = _forward(model_output, uncond_output, sample, prev_sample, alpha_prod_t,
+                                     alpha_prod_t_prev, eta, guidance_scale, prediction_type, reduction, False,
+                                     save_residual, backend)
+    return log_prob, (residual if residual is not None else log_prob.new_empty((0,)))
 
 
 @ddim_logprob_op.register_fake
 def _(model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta, guidance_scale,
-      prediction_type, reduction, backend):
+      prediction_type, reduction, backend, save_residual):
     dtype = compute_dtype(model_output, uncond_output, sample, prev_sample)
-    return model_output.new_empty((model_output.shape[0],), dtype=dtype)
+    residual_shape = model_output.shape if save_residual else (0,)
+    return (model_output.new_empty((model_output.shape[0],), dtype=dtype),
+            model_output.new_empty(residual_shape, dtype=dtype))
 
 
 @torch.library.custom_op("fastgrpo::ddim_logprob_backward", mutates_args=())
-def ddim_logprob_backward_op(grad_out: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
-                             sample: torch.Tensor, prev_sample: torch.Tensor, alpha_prod_t: torch.Tensor,
+def ddim_logprob_backward_op(grad_out: torch.Tensor, residual: torch.Tensor, alpha_prod_t: torch.Tensor,
                              alpha_prod_t_prev: torch.Tensor, eta: float, guidance_scale: float,
-                             prediction_type: str, reduction: str, needs: list[bool],
+                             prediction_type: str, reduction: str, has_uncond: bool, needs: list[bool],
                              backend: str) -> list[torch.Tensor]:
-    grads = _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev,
-                      eta, guidance_scale, prediction_type, reduction, needs, backend)
-    return [g if g is not None and need else model_output.new_empty((0,)) for g, need in zip(grads, needs)]
+    grads = _backward(grad_out, residual, alpha_prod_t, alpha_prod_t_prev, eta, guidance_scale, prediction_type,
+                      reduction, has_uncond, needs, backend)
+    return [g if g is not None else residual.new_empty((0,)) for g in grads]
 
 
 @ddim_logprob_backward_op.register_fake
-def _(grad_out, model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta,
-      guidance_scale, prediction_type, reduction, needs, backend):
-    inputs = (model_output, uncond_output, sample, prev_sample)
-    return [torch.empty_like(x) if need and x is not None else model_output.new_empty((0,))
-            for x, need in zip(inputs, needs)]
+def _(grad_out, residual, alpha_prod_t, alpha_prod_t_prev, eta, guidance_scale, prediction_type, reduction,
+      has_uncond, needs, backend):
+    return [torch.empty_like(residual) if need and (k != 1 or has_uncond) else residual.new_empty((0,))
+            for k, need in enumerate(needs)]
 
 
 def _logprob_setup(ctx, inputs, output):
     model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev = inputs[:6]
-    ctx.save_for_backward(model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev)
-    ctx.settings = inputs[6:]  # eta, guidance_scale, prediction_type, reduction, backend
+    ctx.save_for_backward(output[1], alpha_t, alpha_prev)
+    ctx.mark_non_differentiable(output[1])
+    ctx.settings = inputs[6:11]  # eta, guidance_scale, prediction_type, reduction, backend
+    ctx.has_uncond = uncond_output is not None
+    ctx.dtypes = [None if t is None else t.dtype for t in (model_output, uncond_output, sample, prev_sample)]
 
 
-def _logprob_backward(ctx, grad_out):
-    model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev = ctx.saved_tensors
+def _logprob_backward(ctx, grad_out, _grad_residual):
+    residual, alpha_t, alpha_prev = ctx.saved_tensors
     eta, guidance_scale, prediction_type, reduction, backend = ctx.settings
-    needs = [ctx.needs_input_grad[0], uncond_output is not None and ctx.needs_input_grad[1],
-             ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    needs = [ctx.needs_input_grad[k] and ctx.dtypes[k] is not None for k in range(4)]
     if not any(needs):
-        return (None,) * 11
-    grads = ddim_logprob_backward_op(grad_out, model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev,
-                                     eta, guidance_scale, prediction_type, reduction, needs, backend)
-    grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None, None, None, None, None)
+        return (None,) * 12
+    if residual.numel() == 0:
+        raise RuntimeError("fastgrpo::ddim_logprob: backward needs the residual; call it with save_residual=True")
+    grads = ddim_logprob_backward_op(grad_out, residual, alpha_t, alpha_prev, eta, guidance_scale, prediction_type,
+                                     reduction, ctx.has_uncond, needs, backend)
+    grads = [g.to(dtype) if need else None for g, need, dtype in zip(grads, needs, ctx.dtypes)]
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 ddim_logprob_op.register_autograd(_logprob_backward, setup_context=_logprob_setup)
@@ -145,8 +152,8 @@ def ddim_step_op(model_output: torch.Tensor, uncond_output: torch.Tensor | None,
                  noise: torch.Tensor, alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, eta: float,
                  guidance_scale: float, prediction_type: str, reduction: str,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    log_prob, prev_sample = _forward(model_output, uncond_output, sample, noise, alpha_prod_t, alpha_prod_t_prev,
-                                     eta, guidance_scale, prediction_type, reduction, True, backend)
+    log_prob, prev_sample, _ = _forward(model_output, uncond_output, sample, noise, alpha_prod_t, alpha_prod_t_prev,
+                                        eta, guidance_scale, prediction_type, reduction, True, False, backend)
     return prev_sample, log_prob
 
 
@@ -201,30 +208,38 @@ class DdimLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
                 prediction_type, reduction, backend):
-        ctx.save_for_backward(model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev)
+        log_prob, _, residual = _forward(model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta,
+                                         guidance_scale, prediction_type, reduction, False, True, backend)
+        ctx.save_for_backward(residual, alpha_t, alpha_prev)
         ctx.settings = (eta, guidance_scale, prediction_type, reduction, backend)
-        return _forward(model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
-                        prediction_type, reduction, False, backend)[0]
+        ctx.inputs = [None if t is None else t.dtype for t in (model_output, uncond_output, sample, prev_sample)]
+        return log_prob
 
     @staticmethod
     def backward(ctx, grad_out):
-        model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[0], uncond_output is not None and ctx.needs_input_grad[1],
-                 ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        residual, alpha_t, alpha_prev = ctx.saved_tensors
         eta, guidance_scale, prediction_type, reduction, backend = ctx.settings
-        grads = _backward(grad_out, model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta,
-                          guidance_scale, prediction_type, reduction, needs, backend)
+        needs = [ctx.needs_input_grad[k] and ctx.inputs[k] is not None for k in range(4)]
+        grads = _backward(grad_out, residual, alpha_t, alpha_prev, eta, guidance_scale, prediction_type, reduction,
+                          ctx.inputs[1] is not None, needs, backend)
+        grads = [g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.inputs)]
         return (*grads, None, None, None, None, None, None, None)
 
 
 def ddim_logprob_fused(model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
                        prediction_type, reduction, backend):
+    """The log-prob on a fused backend. With a gradient to track, the forward also writes the residual
+    prev_sample - mean and the backward reads only that (one tensor instead of the four inputs)."""
     args = (model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
             prediction_type, reduction, backend)
+    track = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (model_output, uncond_output, sample, prev_sample))
     if torch.compiler.is_compiling():
-        return ddim_logprob_op(*args)
-    if backend == "cpp":  # forward and backward wired in C++
+        return ddim_logprob_op(*args, track)[0]
+    if backend == "cpp":  # forward and backward wired in C++ (it checks for a gradient to track itself)
         return cpp_kernels()[0].ddim_logprob_autograd(
             model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
             prediction_type == "v_prediction", reduction == "sum")
+    if not track:
+        return _forward(*args[:10], False, False, backend)[0]
     return DdimLogprobFunction.apply(*args)

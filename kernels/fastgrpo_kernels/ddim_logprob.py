@@ -12,7 +12,9 @@ with scale = 1/N (mean over C*H*W) or 1 (sum) and offset = -(log std + log sqrt(
 
 Forward: grid (B, num_chunks). Each program squares and sums one chunk of a row and stores the partial; the last
 program of a row to finish (an atomic counter) sums that row's partials in a fixed order, so the result is
-deterministic and there is one launch. Backward is elementwise: one launch writing the requested gradients.
+deterministic and there is one launch. When a gradient is needed the forward also stores the residual
+r = prev - mean. Every gradient is a per-sample multiple of r (d logp / d mean = grad_out * scale * r / std^2), so
+the backward is one elementwise launch that reads r alone and writes the requested gradients.
 Offsets are int64; nothing is written in place.
 """
 
@@ -58,10 +60,12 @@ def _load_mean(cond_ptr, uncond_ptr, sample_ptr, offs, mask, coef_x, coef_e, gui
 @triton.jit
 def _ddim_logprob_fwd_kernel(
     cond_ptr, uncond_ptr, sample_ptr, target_ptr, prev_out_ptr,  # (B, N) rows; target = prev_sample or noise
+    residual_ptr,                                                 # (B, N): prev - mean, when SAVE_RESIDUAL
     alpha_t_ptr, alpha_prev_ptr,                                  # (B,)
     partial_ptr, counter_ptr, out_ptr,                            # (B, MAX_CHUNKS), (B,) int32, (B,)
     n_elements, num_chunks, guidance, scale, eta, count, params_ptr,
-    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, V_PRED: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr, V_PRED: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
 ):
     if PARAMS_IN_MEMORY:  # fp64: float arguments would be rounded to fp32
@@ -82,6 +86,8 @@ def _ddim_logprob_fwd_kernel(
     else:
         prev = target
     diff = tl.where(mask, prev - mean, 0.0)
+    if SAVE_RESIDUAL:
+        tl.store(residual_ptr + offs, diff, mask=mask)
     tl.store(partial_ptr + row * MAX_CHUNKS + chunk, tl.sum(diff * diff, axis=0))
     finished = tl.atomic_add(counter_ptr + row, 1)
     if finished == num_chunks - 1:  # last program of this row: reduce the partials in chunk order
@@ -94,11 +100,12 @@ def _ddim_logprob_fwd_kernel(
 
 @triton.jit
 def _ddim_logprob_bwd_kernel(
-    grad_out_ptr, cond_ptr, uncond_ptr, sample_ptr, prev_ptr, alpha_t_ptr, alpha_prev_ptr,
+    grad_out_ptr, residual_ptr, alpha_t_ptr, alpha_prev_ptr,
     grad_cond_ptr, grad_uncond_ptr, grad_sample_ptr, grad_prev_ptr,
     n_elements, guidance, scale, eta, params_ptr,
-    HAS_UNCOND: tl.constexpr, GRAD_UNCOND: tl.constexpr, GRAD_SAMPLE: tl.constexpr, GRAD_PREV: tl.constexpr,
-    V_PRED: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
+    HAS_UNCOND: tl.constexpr, GRAD_COND: tl.constexpr, GRAD_UNCOND: tl.constexpr, GRAD_SAMPLE: tl.constexpr,
+    GRAD_PREV: tl.constexpr, V_PRED: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
+    PARAMS_IN_MEMORY: tl.constexpr,
 ):
     if PARAMS_IN_MEMORY:
         guidance = tl.load(params_ptr)
@@ -109,16 +116,16 @@ def _ddim_logprob_bwd_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
-    mean = _load_mean(cond_ptr, uncond_ptr, sample_ptr, offs, mask, coef_x, coef_e, guidance, HAS_UNCOND, COMPUTE)
-    diff = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - mean
-    d_mean = tl.load(grad_out_ptr + row).to(COMPUTE) * scale * diff / (std * std)  # d logp / d mean
+    # d logp / d mean = grad_out * scale * (prev - mean) / std^2
+    d_mean = tl.load(grad_out_ptr + row).to(COMPUTE) * scale / (std * std) * tl.load(residual_ptr + offs, mask=mask)
     d_guided = d_mean * coef_e
-    if HAS_UNCOND:
-        tl.store(grad_cond_ptr + offs, guidance * d_guided, mask=mask)
-        if GRAD_UNCOND:
-            tl.store(grad_uncond_ptr + offs, (1.0 - guidance) * d_guided, mask=mask)
-    else:
-        tl.store(grad_cond_ptr + offs, d_guided, mask=mask)
+    if GRAD_COND:
+        if HAS_UNCOND:
+            tl.store(grad_cond_ptr + offs, guidance * d_guided, mask=mask)
+        else:
+            tl.store(grad_cond_ptr + offs, d_guided, mask=mask)
+    if GRAD_UNCOND:
+        tl.store(grad_uncond_ptr + offs, (1.0 - guidance) * d_guided, mask=mask)
     if GRAD_SAMPLE:
         tl.store(grad_sample_ptr + offs, d_mean * coef_x, mask=mask)
     if GRAD_PREV:
@@ -142,9 +149,13 @@ def _rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, eta: float, guidance: float,
-                         v_prediction: bool, sum_reduction: bool, has_noise: bool, compute_dtype: torch.dtype):
+                         v_prediction: bool, sum_reduction: bool, has_noise: bool, compute_dtype: torch.dtype,
+                         save_residual: bool = False):
     """Launch the forward. Tensors (B, ...) of any float dtype; alphas (B,). target is prev_sample, or the noise
-    when has_noise. Returns (log_prob (B,), prev_sample (B, ...) or None), both in compute_dtype."""
+    when has_noise. Returns (log_prob (B,), prev_sample or None, residual prev - mean or None), all in
+    compute_dtype; the residual (for the backward) only when save_residual, which the sampling variant does not take."""
+    if has_noise and save_residual:
+        raise ValueError("ddim_logprob_forward: the sampling variant saves no residual")
     batch = cond.shape[0]
     cond_rows, uncond_rows, sample_rows, target_rows = (_rows(t) for t in (cond, uncond, sample, target))
     n_elements = cond_rows.shape[1]
@@ -153,41 +164,41 @@ def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, e
     partial = torch.zeros((batch, max_chunks), dtype=compute_dtype, device=cond.device)
     counter = torch.zeros((batch,), dtype=torch.int32, device=cond.device)
     out = torch.empty((batch,), dtype=compute_dtype, device=cond.device)
-    prev_out = torch.empty((batch, n_elements), dtype=compute_dtype, device=cond.device) if has_noise else None
+
+    def rows_or_none(flag):
+        return torch.empty((batch, n_elements), dtype=compute_dtype, device=cond.device) if flag else None
+
+    prev_out, residual = rows_or_none(has_noise), rows_or_none(save_residual)
     scale = 1.0 if sum_reduction else 1.0 / n_elements
     count = float(n_elements) if sum_reduction else 1.0
     params, in_memory = scalar_params([guidance, scale, eta], compute_dtype, cond.device)
     _ddim_logprob_fwd_kernel[(batch, num_chunks)](
         cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows, target_rows,
-        prev_out if prev_out is not None else out, alpha_t.contiguous(), alpha_prev.contiguous(), partial, counter,
-        out, n_elements, num_chunks, float(guidance), scale, float(eta), count, params if in_memory else out,
-        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, V_PRED=v_prediction, MAX_CHUNKS=max_chunks,
-        BLOCK_SIZE=BLOCK, COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
-    return out, (prev_out.view(cond.shape) if prev_out is not None else None)
+        prev_out if prev_out is not None else out, residual if residual is not None else out,
+        alpha_t.contiguous(), alpha_prev.contiguous(), partial, counter, out, n_elements, num_chunks,
+        float(guidance), scale, float(eta), count, params if in_memory else out,
+        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, SAVE_RESIDUAL=save_residual, V_PRED=v_prediction,
+        MAX_CHUNKS=max_chunks, BLOCK_SIZE=BLOCK, COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
+    return out, *(t.view(cond.shape) if t is not None else None for t in (prev_out, residual))
 
 
-def ddim_logprob_backward(grad_out, cond, uncond, sample, prev, alpha_t, alpha_prev, *, eta: float, guidance: float,
-                          v_prediction: bool, sum_reduction: bool, needs: tuple[bool, bool, bool, bool],
-                          compute_dtype: torch.dtype):
-    """Gradients of the log-prob with respect to (cond, uncond, sample, prev); None where `needs` is False."""
-    batch = cond.shape[0]
-    cond_rows, uncond_rows, sample_rows, prev_rows = (_rows(t) for t in (cond, uncond, sample, prev))
-    n_elements = cond_rows.shape[1]
-
-    def empty(flag):
-        return torch.empty((batch, n_elements), dtype=compute_dtype, device=cond.device) if flag else None
-
-    grads = [empty(True), empty(needs[1] and uncond is not None), empty(needs[2]), empty(needs[3])]
-    placeholder = grads[0]
+def ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, *, eta: float, guidance: float,
+                          v_prediction: bool, sum_reduction: bool, has_uncond: bool,
+                          needs: tuple[bool, bool, bool, bool]):
+    """Gradients of the log-prob with respect to (cond, uncond, sample, prev) from the forward's residual, in the
+    residual's dtype; None where `needs` is False (uncond also without CFG). grad_out and alphas: (B,)."""
+    batch = residual.shape[0]
+    residual_rows = _rows(residual)
+    n_elements = residual_rows.shape[1]
+    wanted = [needs[0], needs[1] and has_uncond, needs[2], needs[3]]
+    grads = [torch.empty_like(residual_rows) if flag else None for flag in wanted]
+    placeholder = residual_rows
     scale = 1.0 if sum_reduction else 1.0 / n_elements
-    params, in_memory = scalar_params([guidance, scale, eta], compute_dtype, cond.device)
+    params, in_memory = scalar_params([guidance, scale, eta], residual.dtype, residual.device)
     _ddim_logprob_bwd_kernel[(batch, triton.cdiv(n_elements, BLOCK))](
-        grad_out.contiguous(), cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows,
-        prev_rows, alpha_t.contiguous(), alpha_prev.contiguous(), *(g if g is not None else placeholder for g in grads),
-        n_elements, float(guidance), scale, float(eta), params if in_memory else placeholder,
-        HAS_UNCOND=uncond is not None, GRAD_UNCOND=grads[1] is not None, GRAD_SAMPLE=grads[2] is not None,
-        GRAD_PREV=grads[3] is not None, V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
-        COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
-    shaped = [g.view(cond.shape) if g is not None else None for g in grads]
-    shaped[0] = shaped[0] if needs[0] else None
-    return tuple(shaped)
+        grad_out.contiguous(), residual_rows, alpha_t.contiguous(), alpha_prev.contiguous(),
+        *(g if g is not None else placeholder for g in grads), n_elements, float(guidance), scale, float(eta),
+        params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0], GRAD_UNCOND=wanted[1],
+        GRAD_SAMPLE=wanted[2], GRAD_PREV=wanted[3], V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
+        COMPUTE=_compute_dtype(residual.dtype), PARAMS_IN_MEMORY=in_memory)
+    return tuple(g.view(residual.shape) if g is not None else None for g in grads)
