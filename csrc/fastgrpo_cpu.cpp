@@ -163,8 +163,8 @@ std::vector<at::Tensor> logprob_forward_prepared(const at::Tensor& cond, const c
   const int64_t n = cond.numel() / std::max<int64_t>(batch, 1);
   const double scale = sum_reduction ? 1.0 : 1.0 / n;
   auto out = at::empty({batch}, cond.options());
-  auto prev_out = has_noise ? at::empty_like(cond) : at::empty({0}, cond.options());
-  auto residual = save_residual ? at::empty_like(cond) : at::empty({0}, cond.options());
+  auto prev_out = has_noise ? at::empty_like(cond) : at::Tensor();
+  auto residual = save_residual ? at::empty_like(cond) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "ddim_logprob_forward", [&] {
     const auto rows = all_rows<scalar_t>(alpha_t, alpha_prev, eta, v_prediction, sum_reduction ? double(n) : 1.0);
     const scalar_t* u = uncond.has_value() ? uncond->data_ptr<scalar_t>() : nullptr;
@@ -198,7 +198,7 @@ c10::optional<at::Tensor> ready(const c10::optional<at::Tensor>& t, at::ScalarTy
   return t.has_value() ? c10::optional<at::Tensor>(ready(*t, type)) : c10::nullopt;
 }
 
-// Returns {log_prob (B,), prev_sample or an empty tensor, residual prev - mean or an empty tensor}, in fp32 (fp64
+// Returns {log_prob (B,), prev_sample or undefined (None), residual prev - mean or undefined}, in fp32 (fp64
 // when an input is fp64). target is prev_sample, or the noise when has_noise (which saves no residual). Inputs of
 // any float dtype and layout.
 std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
@@ -213,7 +213,7 @@ std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::
 }
 
 // Gradients {cond, uncond, sample, prev} from the forward's residual, in the residual's dtype; an unrequested
-// gradient is an empty tensor.
+// gradient is undefined (None in Python).
 std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const at::Tensor& residual,
                                               const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
                                               double guidance, bool v_prediction, bool sum_reduction,
@@ -230,14 +230,14 @@ std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const 
   std::vector<at::Tensor> grads;
   for (int k = 0; k < 4; ++k) {
     const bool wanted = needs[k] && (k != 1 || has_uncond);
-    grads.push_back(wanted ? at::empty_like(residual) : at::empty({0}, residual.options()));
+    grads.push_back(wanted ? at::empty_like(residual) : at::Tensor());
   }
   AT_DISPATCH_FLOATING_TYPES(type, "ddim_logprob_backward", [&] {
     const auto rows = all_rows<scalar_t>(a_t, a_prev, eta, v_prediction, 1.0);
-    scalar_t* const outs[4] = {grads[0].numel() ? grads[0].data_ptr<scalar_t>() : nullptr,
-                               grads[1].numel() ? grads[1].data_ptr<scalar_t>() : nullptr,
-                               grads[2].numel() ? grads[2].data_ptr<scalar_t>() : nullptr,
-                               grads[3].numel() ? grads[3].data_ptr<scalar_t>() : nullptr};
+    scalar_t* const outs[4] = {grads[0].defined() ? grads[0].data_ptr<scalar_t>() : nullptr,
+                               grads[1].defined() ? grads[1].data_ptr<scalar_t>() : nullptr,
+                               grads[2].defined() ? grads[2].data_ptr<scalar_t>() : nullptr,
+                               grads[3].defined() ? grads[3].data_ptr<scalar_t>() : nullptr};
     logprob_backward_impl<scalar_t>(go.data_ptr<scalar_t>(), go.stride(0), residual.data_ptr<scalar_t>(), rows, batch,
                                     n, guidance, sum_reduction ? 1.0 : 1.0 / n, has_uncond, outs);
   });
@@ -360,10 +360,11 @@ class DdimLogprobAutograd : public torch::autograd::Function<DdimLogprobAutograd
                                        v_prediction, sum_reduction, false, true);
     ctx->save_for_backward({result[2], alpha_t, alpha_prev});
     ctx->saved_data["settings"] = std::vector<double>{eta, guidance};
-    ctx->saved_data["flags"] = std::vector<int64_t>{v_prediction, sum_reduction, has_uncond};
-    ctx->saved_data["dtypes"] = std::vector<int64_t>{
-        static_cast<int64_t>(cond.scalar_type()), static_cast<int64_t>(uncond.scalar_type()),
-        static_cast<int64_t>(sample.scalar_type()), static_cast<int64_t>(prev.scalar_type())};
+    // flags, then the four inputs' dtypes (the gradients are returned in them)
+    ctx->saved_data["flags"] = std::vector<int64_t>{
+        v_prediction, sum_reduction, has_uncond, static_cast<int64_t>(cond.scalar_type()),
+        static_cast<int64_t>(uncond.scalar_type()), static_cast<int64_t>(sample.scalar_type()),
+        static_cast<int64_t>(prev.scalar_type())};
     return result[0];
   }
 
@@ -372,7 +373,6 @@ class DdimLogprobAutograd : public torch::autograd::Function<DdimLogprobAutograd
     const auto saved = ctx->get_saved_variables();
     const auto settings = ctx->saved_data["settings"].toDoubleVector();
     const auto flags = ctx->saved_data["flags"].toIntVector();
-    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
     const bool has_uncond = flags[2] != 0;
     std::vector<bool> needs;
     for (int k = 0; k < 4; ++k) needs.push_back(ctx->needs_input_grad(k) && (k != 1 || has_uncond));
@@ -381,7 +381,7 @@ class DdimLogprobAutograd : public torch::autograd::Function<DdimLogprobAutograd
     torch::autograd::variable_list result(11);
     for (int k = 0; k < 4; ++k) {
       if (!needs[k]) continue;
-      const auto dtype = static_cast<at::ScalarType>(dtypes[k]);
+      const auto dtype = static_cast<at::ScalarType>(flags[3 + k]);
       result[k] = grads[k].scalar_type() == dtype ? grads[k] : grads[k].to(dtype);
     }
     return result;

@@ -47,10 +47,9 @@ def _forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev, e
     when has_noise; save_residual keeps prev_sample - mean, all the backward needs."""
     v_prediction, sum_reduction = prediction_type == "v_prediction", reduction == "sum"
     if backend == "cpp":  # converts dtypes and layouts itself
-        log_prob, prev, residual = cpp_kernels()[0].ddim_logprob_forward(
+        return tuple(cpp_kernels()[0].ddim_logprob_forward(
             model_output, uncond_output, sample, target, alpha_t, alpha_prev, eta, guidance_scale, v_prediction,
-            sum_reduction, has_noise, save_residual)
-        return log_prob, (prev if has_noise else None), (residual if save_residual else None)
+            sum_reduction, has_noise, save_residual))
     dtype = compute_dtype(model_output, uncond_output, sample, target)
     alpha_t, alpha_prev = _ready(dtype, alpha_t, alpha_prev)
     return triton_kernels()[0].ddim_logprob_forward(model_output, uncond_output, sample, target, alpha_t, alpha_prev,
@@ -66,9 +65,9 @@ def _backward(grad_out, residual, alpha_t, alpha_prev, eta, guidance_scale, pred
     v_prediction, sum_reduction = prediction_type == "v_prediction", reduction == "sum"
     needs = [bool(need) for need in needs]
     if backend == "cpp":
-        grads = cpp_kernels()[0].ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, eta, guidance_scale,
-                                                       v_prediction, sum_reduction, has_uncond, needs)
-        return tuple(g if g.numel() else None for g in grads)
+        return tuple(cpp_kernels()[0].ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, eta,
+                                                            guidance_scale, v_prediction, sum_reduction, has_uncond,
+                                                            needs))
     alpha_t, alpha_prev = _ready(residual.dtype, alpha_t, alpha_prev)
     return triton_kernels()[0].ddim_logprob_backward(grad_out.to(residual.dtype), residual, alpha_t, alpha_prev,
                                                      eta=eta, guidance=guidance_scale, v_prediction=v_prediction,
