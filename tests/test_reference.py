@@ -249,6 +249,29 @@ def test_invalid_step_inputs():
         ops.ddim_logprob(x, x, x, alphas[:1], alphas)
     with pytest.raises(ValueError, match="prev_sample has shape"):
         ops.ddim_logprob(x, x, x[:1], alphas, alphas)
+    with pytest.raises(ValueError, match="uncond_output has shape"):
+        ops.ddim_logprob(x, x, x, alphas, alphas, uncond_output=x[:, :2])
+    with pytest.raises(ValueError, match="alpha_prod_t_prev must have shape"):
+        ops.ddim_logprob(x, x, x, alphas, alphas[:, None])
+    with pytest.raises(ValueError, match="model_output must be"):
+        ops.ddim_logprob(alphas, alphas, alphas, alphas, alphas)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        ops.ddim_logprob(x, x, x, alphas, alphas, prediction_type="sample")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.ddim_step(x, x, alphas, alphas, x, reduction="max")
+    with pytest.raises(ValueError, match="noise has shape"):
+        ops.ddim_step(x, x, alphas, alphas, x[:, :1])
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    x = torch.zeros(2, 4, 2, 2)
+    alphas = torch.full((2,), 0.5)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ops.BackendUnavailableError, match="triton: CPU tensors need TRITON_INTERPRET=1"):
+        ops.ddim_logprob(x, x, x, alphas, alphas, backend="triton")
+    monkeypatch.setenv("FASTGRPO_BACKEND", "triton")
+    with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        ops.ddim_logprob(x, x, x, alphas, alphas)
 
 
 def test_reference_matches_ops_module_directly():

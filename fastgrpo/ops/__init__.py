@@ -45,14 +45,21 @@ def _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev
 def _step_backend(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, eta, uncond_output,
                   prediction_type, reduction, other, backend) -> str:
     """Validate a DDIM-step call and pick its backend (fused backends do not differentiate the schedule)."""
-    _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                       uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
-                       others=(other,))
-    rejections = {}
+    shape = model_output.shape
+    batch = (shape[0],) if shape else ()
+    valid = (len(shape) >= 2 and sample.shape == shape and other[1].shape == shape
+             and (uncond_output is None or uncond_output.shape == shape) and alpha_prod_t.shape == batch
+             and alpha_prod_t_prev.shape == batch and eta > 0 and prediction_type in reference.PREDICTION_TYPES
+             and reduction in reference.REDUCTIONS)
+    if not valid:  # the fast check above runs on every call; this one says what is wrong
+        _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                           uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+                           others=(other,))
     if alpha_prod_t.requires_grad or alpha_prod_t_prev.requires_grad:
         rejections = {name: "alpha_prod_t/alpha_prod_t_prev require grad (only the reference differentiates the "
                             "schedule)" for name in ("triton", "cpp")}
-    return select_backend(op, model_output, backend, rejections)
+        return select_backend(op, model_output, backend, rejections)
+    return select_backend(op, model_output, backend)
 
 
 def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,

@@ -229,16 +229,18 @@ def ddim_logprob_fused(model_output, uncond_output, sample, prev_sample, alpha_t
                        prediction_type, reduction, backend):
     """The log-prob on a fused backend. With a gradient to track, the forward also writes the residual
     prev_sample - mean and the backward reads only that (one tensor instead of the four inputs)."""
-    args = (model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
-            prediction_type, reduction, backend)
-    track = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (model_output, uncond_output, sample, prev_sample))
-    if torch.compiler.is_compiling():
-        return ddim_logprob_op(*args, track)[0]
-    if backend == "cpp":  # forward and backward wired in C++ (it checks for a gradient to track itself)
+    compiling = torch.compiler.is_compiling()
+    if backend == "cpp" and not compiling:  # forward and backward wired in C++, which checks for a gradient itself
         return cpp_kernels()[0].ddim_logprob_autograd(
             model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
             prediction_type == "v_prediction", reduction == "sum")
+    args = (model_output, uncond_output, sample, prev_sample, alpha_t, alpha_prev, eta, guidance_scale,
+            prediction_type, reduction, backend)
+    track = torch.is_grad_enabled() and (model_output.requires_grad or sample.requires_grad
+                                         or prev_sample.requires_grad
+                                         or (uncond_output is not None and uncond_output.requires_grad))
+    if compiling:
+        return ddim_logprob_op(*args, track)[0]
     if not track:
         return _forward(*args[:10], False, False, backend)[0]
     return DdimLogprobFunction.apply(*args)

@@ -126,22 +126,26 @@ def _notice_reference_fallback(rejected: dict[str, str]) -> None:
 def select_backend(op: str, tensor: torch.Tensor, backend: str,
                    call_rejections: dict[str, str] | None = None) -> str:
     """The backend that serves `op` for `tensor`, or BackendUnavailableError listing each rejection."""
+    if backend == "auto":
+        backend = os.environ.get("FASTGRPO_BACKEND") or "auto"
+    # TRITON_INTERPRET decides only whether Triton may take CPU tensors, which happens only when asked for by name
+    interpret_env = os.environ.get("TRITON_INTERPRET", "") if backend == "triton" else ""
     rejections = tuple(sorted(call_rejections.items())) if call_rejections else ()
-    return _select(op, tensor.device.type, tensor.dtype, backend, rejections,
-                   os.environ.get("FASTGRPO_BACKEND", ""), os.environ.get("TRITON_INTERPRET", ""))
+    return _select(op, tensor.device.type, tensor.dtype, backend, rejections, interpret_env)
 
 
 @torch.compiler.assume_constant_result
 def _select(op: str, device_type: str, dtype: torch.dtype, backend: str,
-            call_rejections: tuple[tuple[str, str], ...], backend_env: str, interpret_env: str) -> str:
+            call_rejections: tuple[tuple[str, str], ...], interpret_env: str) -> str:
     # Plain arguments and a constant result: torch.compile evaluates this once at trace time (no graph break).
-    return _select_cached(op, device_type, dtype, backend, call_rejections, backend_env, interpret_env)
+    return _select_cached(op, device_type, dtype, backend, call_rejections, interpret_env)
 
 
 @functools.lru_cache(maxsize=1024)
 def _select_cached(op: str, device_type: str, dtype: torch.dtype, backend: str,
-                   call_rejections: tuple[tuple[str, str], ...], backend_env: str, interpret_env: str) -> str:
-    # Eager calls hit the cache; the environment variables that decide the choice are part of the key.
+                   call_rejections: tuple[tuple[str, str], ...], interpret_env: str) -> str:
+    # Eager calls hit the cache; the environment variables that decide the choice are part of the key (backend
+    # already holds FASTGRPO_BACKEND's choice).
     chosen, rejected = explain(op, device_type, dtype, backend, dict(call_rejections))
     if chosen is None:
         reasons = "; ".join(f"{name}: {why}" for name, why in rejected.items())
