@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from fastgrpo import ops
-from fastgrpo.ops import reference
+from fastgrpo.ops import ddim, reference
 from fastgrpo.ops.dispatch import cpp_kernels
 
 FUSED = ["cpp", "triton"]
@@ -127,6 +128,73 @@ def test_logprob_without_gradient_builds_no_graph(backend):
     tracked = ops.ddim_logprob(leaf, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, backend=backend)
     assert untracked.grad_fn is None and tracked.grad_fn is not None
     torch.testing.assert_close(untracked, tracked.detach(), rtol=0, atol=0)
+
+
+class _RecordAtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class _CountLaunches:
+    """Stands in for a Triton kernel: counts its launches and runs them outside the recording (the interpreter
+    copies arguments to and from the host, which a GPU launch does not)."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(self.kernel)
+            with _disable_current_modes():
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_triton_logprob_is_one_launch_each_way(monkeypatch):
+    """On CUDA each aten op that touches memory is a launch of its own: besides its one kernel, the Triton
+    log-prob's forward (with the residual) and backward (from an expanded grad_out, as a sum's backward passes)
+    dispatch only allocations and views: no zero-fill, copy or conversion."""
+    import fastgrpo_kernels.ddim_logprob as kernel_module
+    launches = []
+    for name in ("_ddim_logprob_fwd_kernel", "_ddim_logprob_bwd_kernel"):
+        monkeypatch.setattr(kernel_module, name, _CountLaunches(getattr(kernel_module, name), launches))
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (4, 8, 8), seed=11)
+    leaves = [cond.requires_grad_(True), uncond.requires_grad_(True)]
+    allowed = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "alias", "detach"}
+    for _ in range(2):  # the first call may set up the per-stream counters
+        launches.clear()
+        with _RecordAtenOps() as forward_ops:
+            log_prob = ops.ddim_logprob(leaves[0], sample, prev, alpha_t, alpha_prev, uncond_output=leaves[1],
+                                        guidance_scale=5.0, backend="triton")
+    assert set(forward_ops.ops) <= allowed, forward_ops.ops
+    assert launches == [kernel_module._ddim_logprob_fwd_kernel.kernel]
+    residual = log_prob.grad_fn.saved_tensors[0]
+    grad_out = torch.ones(()).expand(2)
+    launches.clear()
+    with _RecordAtenOps() as backward_ops:
+        grads = ddim._backward(grad_out, residual, alpha_t, alpha_prev, 1.0, 5.0, "epsilon", "mean", True,
+                               (True, True, False, False), "triton")
+    assert set(backward_ops.ops) <= allowed, backward_ops.ops
+    assert launches == [kernel_module._ddim_logprob_bwd_kernel.kernel]
+    expected = torch.autograd.grad(log_prob.sum(), leaves)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_triton_row_counters_are_reusable_across_calls_and_batch_sizes():
+    """The forward's arrival counters are one zeroed buffer per stream that each launch leaves at zero: calls of
+    several batch sizes (past the buffer's first size) in a row each match the reference."""
+    for batch in (3, 70, 2, 70):
+        cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(batch, (2, 33, 35), seed=batch)
+        kwargs = dict(uncond_output=uncond, guidance_scale=3.0)
+        expected = reference.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, **kwargs)
+        got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, backend="triton", **kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def max_error(value, exact):

@@ -12,7 +12,8 @@ with scale = 1/N (mean over C*H*W) or 1 (sum) and offset = -(log std + log sqrt(
 
 Forward: grid (B, num_chunks). Each program squares and sums one chunk of a row and stores the partial; the last
 program of a row to finish (an atomic counter) sums that row's partials in a fixed order, so the result is
-deterministic and there is one launch. When a gradient is needed the forward also stores the residual
+deterministic and there is one launch: the partials need no zeroing (only written slots are read), and the
+counters live in a zeroed buffer per (device, stream) that the last program of each row sets back to zero. When a gradient is needed the forward also stores the residual
 r = prev - mean. Every gradient is a per-sample multiple of r (d logp / d mean = grad_out * scale * r / std^2), so
 the backward is one elementwise launch that reads r alone and writes the requested gradients.
 Offsets are int64; nothing is written in place.
@@ -96,13 +97,14 @@ def _ddim_logprob_fwd_kernel(
         total = tl.sum(partials, axis=0)
         offset = -(tl.log(std) + LOG_SQRT_2PI) * count
         tl.store(out_ptr + row, -scale * total / (2.0 * std * std) + offset)
+        tl.store(counter_ptr + row, 0)  # every program of this row has arrived: ready for the next launch
 
 
 @triton.jit
 def _ddim_logprob_bwd_kernel(
     grad_out_ptr, residual_ptr, alpha_t_ptr, alpha_prev_ptr,
     grad_cond_ptr, grad_uncond_ptr, grad_sample_ptr, grad_prev_ptr,
-    n_elements, guidance, scale, eta, params_ptr,
+    grad_out_stride, n_elements, guidance, scale, eta, params_ptr,
     HAS_UNCOND: tl.constexpr, GRAD_COND: tl.constexpr, GRAD_UNCOND: tl.constexpr, GRAD_SAMPLE: tl.constexpr,
     GRAD_PREV: tl.constexpr, V_PRED: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
     PARAMS_IN_MEMORY: tl.constexpr,
@@ -117,7 +119,7 @@ def _ddim_logprob_bwd_kernel(
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
     # d logp / d mean = grad_out * scale * (prev - mean) / std^2
-    d_mean = tl.load(grad_out_ptr + row).to(COMPUTE) * scale / (std * std) * tl.load(residual_ptr + offs, mask=mask)
+    d_mean = tl.load(grad_out_ptr + row * grad_out_stride).to(COMPUTE) * scale / (std * std) * tl.load(residual_ptr + offs, mask=mask)
     d_guided = d_mean * coef_e
     if GRAD_COND:
         if HAS_UNCOND:
@@ -144,6 +146,21 @@ def scalar_params(values, dtype: torch.dtype, device) -> tuple[torch.Tensor | No
     return torch.tensor(values, dtype=dtype, device=device), True
 
 
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _row_counters(batch: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for `batch` rows, one buffer per (device, stream): launches on a stream run in
+    order and each leaves its counters at zero, so no call pays a memset launch. A larger batch replaces the
+    buffer (the caching allocator orders the old one's reuse after the kernels already queued on the stream)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < batch:
+        counters = torch.zeros((max(batch, 64),), dtype=torch.int32, device=device)
+        _COUNTERS[(device, stream)] = counters
+    return counters
+
+
 def _rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.reshape(tensor.shape[0], -1).contiguous()
 
@@ -161,8 +178,8 @@ def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, e
     n_elements = cond_rows.shape[1]
     num_chunks = triton.cdiv(n_elements, BLOCK)
     max_chunks = triton.next_power_of_2(num_chunks)
-    partial = torch.zeros((batch, max_chunks), dtype=compute_dtype, device=cond.device)
-    counter = torch.zeros((batch,), dtype=torch.int32, device=cond.device)
+    partial = torch.empty((batch, max_chunks), dtype=compute_dtype, device=cond.device)
+    counter = _row_counters(batch, cond.device)
     out = torch.empty((batch,), dtype=compute_dtype, device=cond.device)
 
     def rows_or_none(flag):
@@ -195,9 +212,10 @@ def ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, *, eta: float
     placeholder = residual_rows
     scale = 1.0 if sum_reduction else 1.0 / n_elements
     params, in_memory = scalar_params([guidance, scale, eta], residual.dtype, residual.device)
+    # grad_out is read with its stride: the backward of a sum passes an expanded scalar (a copy would be a launch)
     _ddim_logprob_bwd_kernel[(batch, triton.cdiv(n_elements, BLOCK))](
-        grad_out.contiguous(), residual_rows, alpha_t.contiguous(), alpha_prev.contiguous(),
-        *(g if g is not None else placeholder for g in grads), n_elements, float(guidance), scale, float(eta),
+        grad_out, residual_rows, alpha_t.contiguous(), alpha_prev.contiguous(),
+        *(g if g is not None else placeholder for g in grads), grad_out.stride(0), n_elements, float(guidance), scale, float(eta),
         params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0], GRAD_UNCOND=wanted[1],
         GRAD_SAMPLE=wanted[2], GRAD_PREV=wanted[3], V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
         COMPUTE=_compute_dtype(residual.dtype), PARAMS_IN_MEMORY=in_memory)
