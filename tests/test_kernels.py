@@ -186,6 +186,43 @@ def test_triton_logprob_is_one_launch_each_way(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_triton_advantages_and_loss_are_one_launch_each(monkeypatch):
+    """Group advantages: one launch; the clipped-ratio loss: one forward launch and one backward launch, and around
+    them only allocations and views (the loss is an output of its own, so its backward takes the upstream gradient
+    without a zero-filled stats gradient)."""
+    import importlib
+    # the package re-exports functions of the same names, so take the modules themselves
+    advantages_module = importlib.import_module("fastgrpo_kernels.group_advantages")
+    loss_module = importlib.import_module("fastgrpo_kernels.grpo_loss")
+    launches = []
+    for module, name in ((advantages_module, "_group_advantages_kernel"), (loss_module, "_grpo_loss_fwd_kernel"),
+                         (loss_module, "_grpo_loss_bwd_kernel")):
+        monkeypatch.setattr(module, name, _CountLaunches(getattr(module, name), launches))
+    log_probs, old, _, ref = loss_inputs(32, seed=12, dtype=torch.float32)
+    rewards = torch.randn(32, generator=torch.Generator().manual_seed(13))
+    leaf = log_probs.requires_grad_(True)
+    upstream = torch.ones(())
+    allowed = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "alias",
+               "detach", "select", "unbind", "unsqueeze", "squeeze"}
+    with _RecordAtenOps() as forward_ops:
+        advantages = ops.group_advantages(rewards, 8, clip=2.0, backend="triton")
+        loss, _ = ops.grpo_loss(leaf, old, advantages, clip_range=0.05, ref_log_probs=ref, kl_coef=0.1,
+                                backend="triton")
+    assert set(forward_ops.ops) <= allowed, forward_ops.ops
+    assert launches == [advantages_module._group_advantages_kernel.kernel, loss_module._grpo_loss_fwd_kernel.kernel]
+    launches.clear()
+    with _RecordAtenOps() as backward_ops:
+        loss.backward(upstream)
+    assert set(backward_ops.ops) <= allowed, backward_ops.ops
+    assert launches == [loss_module._grpo_loss_bwd_kernel.kernel]
+    expected_leaf = log_probs.detach().clone().requires_grad_(True)
+    expected, _ = reference.grpo_loss(expected_leaf, old, reference.group_advantages(rewards, 8, clip=2.0),
+                                      clip_range=0.05, ref_log_probs=ref, kl_coef=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad)
+
+
 def test_triton_row_counters_are_reusable_across_calls_and_batch_sizes():
     """The forward's arrival counters are one zeroed buffer per stream that each launch leaves at zero: calls of
     several batch sizes (past the buffer's first size) in a row each match the reference."""

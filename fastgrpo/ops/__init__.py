@@ -149,8 +149,8 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
     if chosen == "reference":
         return reference.grpo_loss(log_probs, old_log_probs, advantages, clip_range=clip_range,
                                    ref_log_probs=ref_log_probs, kl_coef=kl_coef)
-    stats = grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, float(clip_range), float(kl_coef),
-                            chosen)
-    values = stats.detach().unbind()
+    loss, stats = grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, float(clip_range),
+                                  float(kl_coef), chosen)
+    values = stats.unbind()
     named = dict(zip(STAT_NAMES[1:] if ref_log_probs is not None else STAT_NAMES[1:-1], values[1:]))
-    return stats[0], named
+    return loss, named

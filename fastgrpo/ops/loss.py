@@ -111,28 +111,34 @@ grpo_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 class GrpoLossFunction(torch.autograd.Function):
-    """fastgrpo::grpo_loss without the custom-op dispatcher, for eager mode (torch.compile traces the custom op)."""
+    """fastgrpo::grpo_loss without the custom-op dispatcher, for eager mode (torch.compile traces the custom op).
+    Returns (loss, stats): the loss as an output of its own, so its backward receives the upstream gradient as is
+    (one launch; a select of the stats vector would add a zero-fill and a copy), and the stats vector detached."""
 
     @staticmethod
     def forward(ctx, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
         ctx.save_for_backward(log_probs, old_log_probs, advantages, ref_log_probs)
         ctx.settings = (clip_range, kl_coef, backend)
-        return _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+        ctx.set_materialize_grads(False)
+        stats = _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+        ctx.mark_non_differentiable(stats)
+        return stats[0], stats
 
     @staticmethod
-    def backward(ctx, grad_stats):
-        if not ctx.needs_input_grad[0]:
+    def backward(ctx, grad_loss, _grad_stats):
+        if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None,) * 7
         log_probs, old_log_probs, advantages, ref_log_probs = ctx.saved_tensors
-        grad = _loss_backward_impl(grad_stats[0], log_probs, old_log_probs, advantages, ref_log_probs,
-                                    *ctx.settings)
+        grad = _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, *ctx.settings)
         return grad, None, None, None, None, None, None
 
 
 def grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+    """(loss 0-dim, stats (7,) without gradient) on a fused backend."""
     args = (log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
     if torch.compiler.is_compiling():
-        return grpo_loss_op(*args)
+        stats = grpo_loss_op(*args)
+        return stats[0], stats.detach()
     return GrpoLossFunction.apply(*args)
 
 
