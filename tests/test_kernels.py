@@ -165,7 +165,8 @@ def test_triton_logprob_is_one_launch_each_way(monkeypatch):
         monkeypatch.setattr(kernel_module, name, _CountLaunches(getattr(kernel_module, name), launches))
     cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (4, 8, 8), seed=11)
     leaves = [cond.requires_grad_(True), uncond.requires_grad_(True)]
-    allowed = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "alias", "detach"}
+    allowed = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "alias",
+               "detach"}
     for _ in range(2):  # the first call may set up the per-stream counters
         launches.clear()
         with _RecordAtenOps() as forward_ops:

@@ -13,9 +13,10 @@ with scale = 1/N (mean over C*H*W) or 1 (sum) and offset = -(log std + log sqrt(
 Forward: grid (B, num_chunks). Each program squares and sums one chunk of a row and stores the partial; the last
 program of a row to finish (an atomic counter) sums that row's partials in a fixed order, so the result is
 deterministic and there is one launch: the partials need no zeroing (only written slots are read), and the
-counters live in a zeroed buffer per (device, stream) that the last program of each row sets back to zero. When a gradient is needed the forward also stores the residual
-r = prev - mean. Every gradient is a per-sample multiple of r (d logp / d mean = grad_out * scale * r / std^2), so
-the backward is one elementwise launch that reads r alone and writes the requested gradients.
+counters live in a zeroed buffer per (device, stream) that the last program of each row sets back to zero.
+When a gradient is needed the forward also stores the residual r = prev - mean. Every gradient is a per-sample
+multiple of r (d logp / d mean = grad_out * scale * r / std^2), so the backward is one elementwise launch that
+reads r alone and writes the requested gradients.
 Offsets are int64; nothing is written in place.
 """
 
@@ -119,7 +120,8 @@ def _ddim_logprob_bwd_kernel(
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
     # d logp / d mean = grad_out * scale * (prev - mean) / std^2
-    d_mean = tl.load(grad_out_ptr + row * grad_out_stride).to(COMPUTE) * scale / (std * std) * tl.load(residual_ptr + offs, mask=mask)
+    factor = tl.load(grad_out_ptr + row * grad_out_stride).to(COMPUTE) * scale / (std * std)
+    d_mean = factor * tl.load(residual_ptr + offs, mask=mask)
     d_guided = d_mean * coef_e
     if GRAD_COND:
         if HAS_UNCOND:
@@ -215,8 +217,8 @@ def ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, *, eta: float
     # grad_out is read with its stride: the backward of a sum passes an expanded scalar (a copy would be a launch)
     _ddim_logprob_bwd_kernel[(batch, triton.cdiv(n_elements, BLOCK))](
         grad_out, residual_rows, alpha_t.contiguous(), alpha_prev.contiguous(),
-        *(g if g is not None else placeholder for g in grads), grad_out.stride(0), n_elements, float(guidance), scale, float(eta),
-        params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0], GRAD_UNCOND=wanted[1],
-        GRAD_SAMPLE=wanted[2], GRAD_PREV=wanted[3], V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
+        *(g if g is not None else placeholder for g in grads), grad_out.stride(0), n_elements, float(guidance),
+        scale, float(eta), params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0],
+        GRAD_UNCOND=wanted[1], GRAD_SAMPLE=wanted[2], GRAD_PREV=wanted[3], V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
         COMPUTE=_compute_dtype(residual.dtype), PARAMS_IN_MEMORY=in_memory)
     return tuple(g.view(residual.shape) if g is not None else None for g in grads)
