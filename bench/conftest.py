@@ -1,8 +1,9 @@
 """Benchmark helpers: device, timing of the comparison variants, copy bandwidth, launch counts, NVML stats.
 
 Run:  python -m pytest bench -q --benchmark-json bench/results.json
-Each benchmark times the fused op with pytest-benchmark and, in the same run, the eager and compiled references
-with `median_seconds`, and records the ratios in extra_info. On CUDA the same suite runs unchanged.
+Each benchmark times the fused op with pytest-benchmark and, in the same run, times it again alongside the eager and
+compiled references in alternating blocks (`interleaved_medians`), recording the ratios of those medians in
+extra_info. On CUDA the same suite runs unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +41,32 @@ def median_seconds(fn, *, min_time=0.5, min_rounds=5, warmup=2) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, *, block=10, min_time=1.0, min_rounds=5, warmup=2) -> dict:
+    """Median wall time per call of each of several functions, timed in alternating blocks: each round runs every
+    function `block` times back to back (the first call of a block is not timed, so each variant is measured in its
+    own steady state, caches and allocator warm), rotating which goes first. Ratios of these medians compare the
+    variants under the same machine load, which on a shared machine drifts between one long block and the next."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    times: dict = {name: [] for name in names}
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or time.perf_counter() - start < min_time:
+        for k in range(len(names)):
+            name = names[(rounds + k) % len(names)]
+            fns[name]()
+            sync()
+            for _ in range(block - 1):
+                t0 = time.perf_counter()
+                fns[name]()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def copy_bandwidth(bytes_moved: int) -> float:
