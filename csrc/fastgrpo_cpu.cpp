@@ -7,6 +7,7 @@
 // and the chunk partials are added in double in chunk order, so results do not depend on the thread count.
 
 #include <torch/extension.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -345,44 +346,43 @@ at::Tensor grpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& log
   return grad;
 }
 
-// The log-prob with its backward wired in C++: eager training calls this one function and the autograd engine
-// calls the backward directly, with no Python on either path. The forward saves only the residual prev - mean
-// (one tensor, in the compute dtype) and the alphas; the backward reads the residual and writes the gradients.
-class DdimLogprobAutograd : public torch::autograd::Function<DdimLogprobAutograd> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& cond, const at::Tensor& uncond,
-                            const at::Tensor& sample, const at::Tensor& prev, const at::Tensor& alpha_t,
-                            const at::Tensor& alpha_prev, double eta, double guidance, bool v_prediction,
-                            bool sum_reduction, bool has_uncond) {
-    // without CFG the caller passes cond again in the uncond slot (undefined tensors cannot be inputs here)
-    const auto optional_uncond = has_uncond ? c10::optional<at::Tensor>(uncond) : c10::nullopt;
-    auto result = ddim_logprob_forward(cond, optional_uncond, sample, prev, alpha_t, alpha_prev, eta, guidance,
-                                       v_prediction, sum_reduction, false, true);
-    ctx->save_for_backward({result[2], alpha_t, alpha_prev});
-    ctx->saved_data["settings"] = std::vector<double>{eta, guidance};
-    // flags, then the four inputs' dtypes (the gradients are returned in them)
-    ctx->saved_data["flags"] = std::vector<int64_t>{
-        v_prediction, sum_reduction, has_uncond, static_cast<int64_t>(cond.scalar_type()),
-        static_cast<int64_t>(uncond.scalar_type()), static_cast<int64_t>(sample.scalar_type()),
-        static_cast<int64_t>(prev.scalar_type())};
-    return result[0];
+// The log-prob's autograd node, built directly (as PyTorch's own generated nodes are) rather than through
+// torch::autograd::Function, whose bookkeeping costs more than this op's backward kernel at SD shapes. The forward
+// saves only the residual prev - mean (one tensor, in the compute dtype) and the alphas; the backward reads the
+// residual and writes the gradients of (cond, uncond, x_t, x_{t-1}) that the graph needs.
+struct DdimLogprobBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable residual, alpha_t, alpha_prev;
+  double eta = 1.0, guidance = 1.0;
+  bool v_prediction = false, sum_reduction = false, has_uncond = false;
+  at::ScalarType dtypes[4] = {at::kFloat, at::kFloat, at::kFloat, at::kFloat};
+
+  std::string name() const override { return "DdimLogprobBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    residual.reset_data();
+    alpha_t.reset_data();
+    alpha_prev.reset_data();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const auto settings = ctx->saved_data["settings"].toDoubleVector();
-    const auto flags = ctx->saved_data["flags"].toIntVector();
-    const bool has_uncond = flags[2] != 0;
-    std::vector<bool> needs;
-    for (int k = 0; k < 4; ++k) needs.push_back(ctx->needs_input_grad(k) && (k != 1 || has_uncond));
-    auto grads = ddim_logprob_backward(grad_outputs[0], saved[0], saved[1], saved[2], settings[0], settings[1],
-                                       flags[0] != 0, flags[1] != 0, has_uncond, needs);
-    torch::autograd::variable_list result(11);
-    for (int k = 0; k < 4; ++k) {
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fastgrpo: the DDIM log-prob's backward is not differentiable itself (create_graph=True); use "
+                "backend='reference' for higher-order gradients");
+    torch::autograd::variable_list result(4);
+    std::vector<bool> needs(4);
+    bool any = false;
+    for (size_t k = 0; k < 4; ++k) {
+      needs[k] = task_should_compute_output(k) && (k != 1 || has_uncond);
+      any = any || needs[k];
+    }
+    if (!any || !grads[0].defined()) return result;  // nothing to do, or no gradient flowed in
+    auto computed = ddim_logprob_backward(grads[0], residual.unpack(), alpha_t.unpack(), alpha_prev.unpack(), eta,
+                                          guidance, v_prediction, sum_reduction, has_uncond, needs);
+    for (size_t k = 0; k < 4; ++k) {
       if (!needs[k]) continue;
-      const auto dtype = static_cast<at::ScalarType>(flags[3 + k]);
-      result[k] = grads[k].scalar_type() == dtype ? grads[k] : grads[k].to(dtype);
+      result[k] = computed[k].scalar_type() == dtypes[k] ? computed[k] : computed[k].to(dtypes[k]);
     }
     return result;
   }
@@ -393,15 +393,35 @@ at::Tensor ddim_logprob_autograd(const at::Tensor& cond, const c10::optional<at:
                                  const at::Tensor& sample, const at::Tensor& prev, const at::Tensor& alpha_t,
                                  const at::Tensor& alpha_prev, double eta, double guidance, bool v_prediction,
                                  bool sum_reduction) {
-  const bool track = at::GradMode::is_enabled() &&
-                     (cond.requires_grad() || (uncond.has_value() && uncond->requires_grad()) ||
-                      sample.requires_grad() || prev.requires_grad());
-  if (!track) {
-    return ddim_logprob_forward(cond, uncond, sample, prev, alpha_t, alpha_prev, eta, guidance, v_prediction,
-                                sum_reduction, false, false)[0];
+  const at::Tensor uncond_or_undefined = uncond.has_value() ? *uncond : at::Tensor();
+  const bool track = torch::autograd::compute_requires_grad(cond, uncond_or_undefined, sample, prev);
+  at::Tensor out, residual;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below are not recorded by autograd
+    auto result = ddim_logprob_forward(cond, uncond, sample, prev, alpha_t, alpha_prev, eta, guidance, v_prediction,
+                                       sum_reduction, false, track);
+    out = result[0];
+    residual = result[2];
   }
-  return DdimLogprobAutograd::apply(cond, uncond.has_value() ? *uncond : cond, sample, prev, alpha_t, alpha_prev,
-                                    eta, guidance, v_prediction, sum_reduction, uncond.has_value());
+  if (!track) return out;
+  TORCH_CHECK(!alpha_t.requires_grad() && !alpha_prev.requires_grad(),
+              "fastgrpo cpu: the log-prob does not differentiate alpha_prod_t / alpha_prod_t_prev");
+  auto node = c10::make_intrusive<DdimLogprobBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(cond, uncond_or_undefined, sample, prev));
+  node->residual = torch::autograd::SavedVariable(residual, false);
+  node->alpha_t = torch::autograd::SavedVariable(alpha_t, false);
+  node->alpha_prev = torch::autograd::SavedVariable(alpha_prev, false);
+  node->eta = eta;
+  node->guidance = guidance;
+  node->v_prediction = v_prediction;
+  node->sum_reduction = sum_reduction;
+  node->has_uncond = uncond.has_value();
+  const at::Tensor* inputs[4] = {&cond, &uncond_or_undefined, &sample, &prev};
+  for (int k = 0; k < 4; ++k) {
+    if (inputs[k]->defined()) node->dtypes[k] = inputs[k]->scalar_type();
+  }
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

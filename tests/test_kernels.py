@@ -120,6 +120,21 @@ def test_logprob_gradients_match_fp64_reference(backend, with_uncond, wanted, dt
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_logprob_refuses_higher_order_gradients(backend):
+    """The fused backward is not differentiable itself: a second derivative is an error, not a silent zero (C++:
+    create_graph=True is refused; Triton: the first gradient carries no graph, as @once_differentiable does)."""
+    cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=12)
+    leaf = cond.clone().requires_grad_(True)
+    log_prob = ops.ddim_logprob(leaf, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, backend=backend)
+    with pytest.raises(RuntimeError, match="not differentiable|does not require grad"):
+        torch.autograd.grad(log_prob.sum(), leaf, create_graph=True)[0].sum().backward()
+    reference_grad, = torch.autograd.grad(
+        ops.ddim_logprob(leaf, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, backend="reference").sum(),
+        leaf, create_graph=True)
+    assert reference_grad.requires_grad  # the reference serves higher-order gradients
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_logprob_without_gradient_builds_no_graph(backend):
     cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=10)
     leaf = cond.clone().requires_grad_(True)

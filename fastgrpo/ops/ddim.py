@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastgrpo.ops.dispatch import cpp_kernels, triton_kernels
 
@@ -215,6 +216,7 @@ class DdimLogprobFunction(torch.autograd.Function):
         return log_prob
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         residual, alpha_t, alpha_prev = ctx.saved_tensors
         eta, guidance_scale, prediction_type, reduction, backend = ctx.settings
