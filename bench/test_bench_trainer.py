@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
 def test_rollout(benchmark, setup, backend):
     models, embeds, uncond, schedule, sample_prompt, settings = setup
     guidance = Guidance(1.0, 5.0, models.prediction_type, backend)
-    ids = torch.arange(sample_prompt.shape[0], device=DEVICE)
+    ids = torch.arange(sample_prompt.shape[0])  # sample ids stay on the host (they key the noise)
 
     def rollout():
         return sample_trajectories(models.unet, models.vae, schedule, embeds, uncond, sample_prompt, ids, guidance,
@@ -52,7 +52,7 @@ def test_rollout(benchmark, setup, backend):
 def test_training_epoch(benchmark, setup, backend):
     models, embeds, uncond, schedule, sample_prompt, settings = setup
     guidance = Guidance(1.0, 5.0, models.prediction_type, backend)
-    ids = torch.arange(sample_prompt.shape[0], device=DEVICE)
+    ids = torch.arange(sample_prompt.shape[0])  # sample ids stay on the host (they key the noise)
     trajectories = sample_trajectories(models.unet, models.vae, schedule, embeds, uncond, sample_prompt, ids,
                                        guidance, settings, epoch=0)
     advantages = torch.randn(ids.shape[0], device=DEVICE)

@@ -137,7 +137,8 @@ class RunConfig:
     save_every: int = doc("Save a checkpoint every N epochs (and always after the last)", 1)
     keep_last: int = doc("Checkpoints kept; older ones are deleted", 2)
     resume: str | None = doc("null, 'latest' (newest checkpoint in output_dir) or a checkpoint directory", None)
-    device: str = doc("'auto' (CUDA when available), 'cpu' or 'cuda[:N]'", "auto")
+    device: str = doc("'auto' (CUDA when available; cuda:LOCAL_RANK under a launcher), 'cpu' or 'cuda[:N]'",
+                      "auto")
     num_sample_images: int = doc("Images in each epoch's PNG grid under samples/; 0 = none", 8)
     tensorboard: bool = doc("Also log to TensorBoard under output_dir/tb when it is installed", True)
     progress: bool = doc("Show a progress bar", True)
@@ -329,7 +330,7 @@ def validate(config: Config) -> None:
     _require(run.save_every >= 1, f"run.save_every must be >= 1, got {run.save_every}")
     _require(run.keep_last >= 1, f"run.keep_last must be >= 1, got {run.keep_last}")
     _require(run.num_sample_images >= 0, f"run.num_sample_images must be >= 0, got {run.num_sample_images}")
-    _require(run.device == "auto" or run.device == "cpu" or run.device.startswith("cuda"),
+    _require(run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:"),
              f"run.device must be 'auto', 'cpu' or 'cuda[:N]', got {run.device!r}")
 
 

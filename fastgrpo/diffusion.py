@@ -89,6 +89,9 @@ def draw_noise(seed: int, epoch: int, sample_ids: torch.Tensor, group_ids: torch
     batch size or on how samples are split across processes. With same_noise_per_group, the initial latent is a
     function of the group id instead.
     """
+    if sample_ids.device.type != "cpu" or group_ids.device.type != "cpu":
+        raise ValueError("draw_noise: sample_ids and group_ids must be CPU tensors (they seed host generators; "
+                         "reading them from the GPU would stall the stream)")
     noise = torch.empty((len(sample_ids), num_steps + 1, *latent_shape), device=device)
     for row, (sample_id, group_id) in enumerate(zip(sample_ids.tolist(), group_ids.tolist())):
         gen = generator(seed, "noise", epoch, sample_id, device=device)
@@ -139,7 +142,8 @@ def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond
     """Sample trajectories for the given samples in batches of settings.batch_size.
 
     prompt_embeds (U, L, D): one row per unique prompt; uncond_embed (1, L, D); sample_prompt (N,) long: each
-    sample's row of prompt_embeds; sample_ids (N,) long: global sample ids (group = id // group_size).
+    sample's row of prompt_embeds; sample_ids (N,) long, on the CPU: global sample ids (group = id // group_size),
+    which key each sample's noise.
     """
     device = prompt_embeds.device
     latents, log_probs, images = [], [], []

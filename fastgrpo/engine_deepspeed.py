@@ -58,9 +58,14 @@ def init_distributed() -> None:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model: torch.nn.Module, train_config, ds_config: dict, micro_batches_per_step: int):
+    """device: this rank's device (cuda:LOCAL_RANK on GPUs). Every tensor handed to a collective lives there: NCCL
+    takes CUDA tensors only, and the current CUDA device decides where DeepSpeed puts the model."""
+
+    def __init__(self, model: torch.nn.Module, train_config, ds_config: dict, micro_batches_per_step: int,
+                 device: torch.device):
         import deepspeed
 
+        self.device = device
         self.world_size = torch.distributed.get_world_size()
         self.rank = torch.distributed.get_rank()
         self.is_main = self.rank == 0
@@ -103,13 +108,17 @@ class DeepSpeedEngine:
         return self.lr_scheduler.get_last_lr()[0]
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world_size, *shape) on this rank's device; `tensor` must live there (a host tensor would fail on NCCL)."""
+        if tensor.device != self.device:
+            raise ValueError(f"all_gather: tensor on {tensor.device}, but this rank communicates on {self.device}")
         gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
         torch.distributed.all_gather(gathered, tensor.contiguous())
         return torch.stack(gathered)
 
     def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
         names = sorted(stats)
-        values = self.all_gather(torch.tensor([stats[n] for n in names], dtype=torch.float64))  # (W, K)
+        values = self.all_gather(torch.tensor([stats[n] for n in names], dtype=torch.float64,
+                                              device=self.device)).cpu()  # (W, K)
         reduced = {n: float(values[:, i].mean()) for i, n in enumerate(names)}
         if "ratio_min" in stats:
             reduced["ratio_min"] = float(values[:, names.index("ratio_min")].min())

@@ -16,6 +16,7 @@ import torch
 from fastgrpo.checkpoint import list_checkpoints
 from fastgrpo.config import Config, load_config
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, sample_trajectories
+from fastgrpo.devices import DEVICE_HELP, resolve_device
 from fastgrpo.errors import FastGRPOError
 from fastgrpo.models import DiffusionModels, encode_prompts, load_diffusion_models
 
@@ -74,7 +75,7 @@ def generate(policies: Policies, unet: torch.nn.Module, prompts: list[str], *, s
                                False, seed)
     prompt_embeds = encode_prompts(models, prompts)
     sample_prompt = torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt)
-    sample_ids = torch.arange(len(prompts) * samples_per_prompt, device=device)
+    sample_ids = torch.arange(len(prompts) * samples_per_prompt)  # on the host: they key the noise
     trajectories = sample_trajectories(unet, models.vae, schedule, prompt_embeds, encode_prompts(models, [""]),
                                        sample_prompt, sample_ids, guidance, settings, EVAL_EPOCH)
     return trajectories.images
@@ -94,18 +95,16 @@ def is_toyworld_run(config: Config) -> bool:
 
 def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 1234, device: str = "auto") -> Path:
     """Write RUN_DIR/eval/report.{md,json} and PNGs; returns the eval directory."""
-    from fastgrpo.train import resolve_device
-
     config, checkpoint = load_run(run_dir)
     if not is_toyworld_run(config):
         raise FastGRPOError("eval: only toy-world runs (model.pretrained=builtin:toyworld) can be judged here; "
                             f"{config.model.pretrained!r} needs an external judge (I2P + NudeNet, GenEval)")
-    if not (device in ("auto", "cpu") or device.startswith("cuda")):
-        raise FastGRPOError(f"eval: --device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise FastGRPOError(f"eval: --device must be {DEVICE_HELP}, got {device!r}")
     if samples_per_prompt < 1:
         raise FastGRPOError(f"eval: --samples-per-prompt must be >= 1, got {samples_per_prompt}")
     from fastgrpo.toyworld.report import write_report
 
-    policies = load_policies(config, checkpoint, resolve_device(device))
+    policies = load_policies(config, checkpoint, resolve_device(device, setting="eval --device"))
     return write_report(policies, Path(run_dir).expanduser() / "eval", samples_per_prompt=samples_per_prompt,
                         seed=seed)

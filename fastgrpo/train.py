@@ -22,9 +22,9 @@ import torch
 from fastgrpo.allocator import keep_freed_memory
 from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, load_unet, save_checkpoint, save_unet
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
+from fastgrpo.devices import resolve_device
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
-from fastgrpo.errors import ConfigError
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
 from fastgrpo.grpo import LossSettings, UpdatePlan, epoch_advantages, plan_update, policy_update, shard_plan
 from fastgrpo.metrics import MetricsWriter, save_image_grid
@@ -33,14 +33,6 @@ from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, lo
 from fastgrpo.prompts import PromptMixer, load_prompts
 from fastgrpo.reward import SteeringReward, load_steering_reward
 from fastgrpo.rng import generator
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 @dataclass
@@ -84,7 +76,7 @@ def resolve_precision(config: Config) -> str:
     return json_precision(read_deepspeed_config(config.engine.deepspeed, "auto"))
 
 
-def _build_engine(config: Config, unet: torch.nn.Module, world_size: int):
+def _build_engine(config: Config, unet: torch.nn.Module, world_size: int, device: torch.device):
     if config.engine.deepspeed is None:
         return SingleProcessEngine(unet, config.train)
     from fastgrpo.engine_deepspeed import DeepSpeedEngine, read_deepspeed_config
@@ -93,7 +85,7 @@ def _build_engine(config: Config, unet: torch.nn.Module, world_size: int):
     trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
     micro_batches = max(1, t.samples_per_step // world_size // t.batch_size) * trained_steps
     ds_config = read_deepspeed_config(config.engine.deepspeed, config.engine.mixed_precision)
-    return DeepSpeedEngine(unet, t, ds_config, micro_batches)
+    return DeepSpeedEngine(unet, t, ds_config, micro_batches, device)
 
 
 def prepare(config: Config) -> tuple[Session, int, int]:
@@ -124,7 +116,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
         select_trainable(models.unet, config.train.trainable_modules)
         if config.train.kl_coef > 0:
             ref_unet = copy.deepcopy(models.unet).requires_grad_(False)
-    engine = _build_engine(config, models.unet, world_size)
+    engine = _build_engine(config, models.unet, world_size, device)
     start_epoch, global_step = 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet)
@@ -232,7 +224,8 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, i
     sample_ids = batch.shard.order.to(s.device)                                               # (M,) global ids
     s.unet.eval()
     trajectories = sample_trajectories(s.unet, s.models.vae, s.schedule, batch.prompt_embeds, s.uncond_embed,
-                                       batch.sample_prompt[sample_ids], sample_ids, s.guidance, s.rollout, epoch)
+                                       batch.sample_prompt[sample_ids], batch.shard.order, s.guidance, s.rollout,
+                                       epoch)
     _sync(s.device)
     t1 = time.perf_counter()
     local_rewards = s.reward(trajectories.images, batch.prompts, trajectories.prompt_index)

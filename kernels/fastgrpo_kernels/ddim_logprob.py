@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024  # elements per program; fixed (tuning script: bench/tune_triton.py)
-LOG_SQRT_2PI = 0.9189385332046727
+LOG_SQRT_2PI = tl.constexpr(0.9189385332046727)  # a plain float global does not compile (interpreter only)
 
 
 @triton.jit
