@@ -5,6 +5,7 @@ no data, so any read of a value on the host fails).
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -196,3 +197,28 @@ def test_noise_refuses_sample_ids_on_the_device():
         ids = torch.arange(4).to("cuda")
         with pytest.raises(ValueError, match="must be CPU tensors"):
             diffusion.draw_noise(0, 0, ids, ids // 2, 2, (4, 8, 8), same_noise_per_group=False, device="cuda")
+
+
+def test_triton_launches_make_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current device: a call with tensors on cuda:1 while cuda:0 is current must switch."""
+    from fastgrpo_kernels import ddim_logprob as kernels
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(target):
+        previous, current[0] = current[0], torch.device(target).index
+        yield
+        current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launched_on = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched_on.append(current[0])
+
+    for target in ("cuda:1", "cuda:0", "cpu"):
+        kernels.launch(Kernel(), (1,), torch.device(target))
+    assert launched_on == [1, 0, 0] and current == [0]

@@ -22,6 +22,8 @@ Offsets are int64; nothing is written in place.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -148,6 +150,20 @@ def scalar_params(values, dtype: torch.dtype, device) -> tuple[torch.Tensor | No
     return torch.tensor(values, dtype=dtype, device=device), True
 
 
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device, whatever the tensors' device: make theirs current for the launch.
+    A no-op when it already is (the trainer makes each rank's GPU current) and for CPU tensors (the interpreter)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) with `device` current."""
+    with on_device(device):
+        kernel[grid](*args, **kwargs)
+
+
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -191,7 +207,7 @@ def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, e
     scale = 1.0 if sum_reduction else 1.0 / n_elements
     count = float(n_elements) if sum_reduction else 1.0
     params, in_memory = scalar_params([guidance, scale, eta], compute_dtype, cond.device)
-    _ddim_logprob_fwd_kernel[(batch, num_chunks)](
+    launch(_ddim_logprob_fwd_kernel, (batch, num_chunks), cond.device,
         cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows, target_rows,
         prev_out if prev_out is not None else out, residual if residual is not None else out,
         alpha_t.contiguous(), alpha_prev.contiguous(), partial, counter, out, n_elements, num_chunks,
@@ -215,7 +231,7 @@ def ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, *, eta: float
     scale = 1.0 if sum_reduction else 1.0 / n_elements
     params, in_memory = scalar_params([guidance, scale, eta], residual.dtype, residual.device)
     # grad_out is read with its stride: the backward of a sum passes an expanded scalar (a copy would be a launch)
-    _ddim_logprob_bwd_kernel[(batch, triton.cdiv(n_elements, BLOCK))](
+    launch(_ddim_logprob_bwd_kernel, (batch, triton.cdiv(n_elements, BLOCK)), residual.device,
         grad_out, residual_rows, alpha_t.contiguous(), alpha_prev.contiguous(),
         *(g if g is not None else placeholder for g in grads), grad_out.stride(0), n_elements, float(guidance),
         scale, float(eta), params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0],

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrpo_kernels.ddim_logprob import scalar_params
+from fastgrpo_kernels.ddim_logprob import launch, scalar_params
 
 BLOCK_N = 1024
 
@@ -67,7 +67,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, global_std: bool
     num_groups = rewards.shape[0] // group_size
     clip_value = float(clip if clip is not None else 0.0)
     params, in_memory = scalar_params([eps, clip_value], compute_dtype, rewards.device)
-    _group_advantages_kernel[(num_groups,)](
+    launch(_group_advantages_kernel, (num_groups,), rewards.device,
         rewards, out, rewards.shape[0], group_size, float(eps), clip_value, params if in_memory else out,
         PARAMS_IN_MEMORY=in_memory, UNBIASED=unbiased, GLOBAL_STD=global_std, HAS_CLIP=clip is not None,
         BLOCK_G=triton.next_power_of_2(group_size), BLOCK=BLOCK_N,

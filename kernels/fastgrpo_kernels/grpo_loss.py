@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrpo_kernels.ddim_logprob import scalar_params
+from fastgrpo_kernels.ddim_logprob import launch, scalar_params
 
 BLOCK = 1024
 NUM_STATS = 7
@@ -100,9 +100,9 @@ def grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, *, cl
     tensors = [t.contiguous() for t in (log_probs, old_log_probs, advantages)]
     ref = ref_log_probs.contiguous() if ref_log_probs is not None else tensors[0]
     params, in_memory = scalar_params([clip_range, kl_coef], compute_dtype, log_probs.device)
-    _grpo_loss_fwd_kernel[(1,)](*tensors, ref, stats, log_probs.shape[0], float(clip_range), float(kl_coef),
-                                params if in_memory else stats, HAS_REF=ref_log_probs is not None, BLOCK_SIZE=BLOCK,
-                                COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
+    launch(_grpo_loss_fwd_kernel, (1,), log_probs.device, *tensors, ref, stats, log_probs.shape[0],
+           float(clip_range), float(kl_coef), params if in_memory else stats, HAS_REF=ref_log_probs is not None,
+           BLOCK_SIZE=BLOCK, COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
     return stats
 
 
@@ -114,7 +114,7 @@ def grpo_loss_backward(grad_loss, log_probs, old_log_probs, advantages, ref_log_
     tensors = [t.contiguous() for t in (log_probs, old_log_probs, advantages)]
     ref = ref_log_probs.contiguous() if ref_log_probs is not None else tensors[0]
     params, in_memory = scalar_params([clip_range, kl_coef], compute_dtype, log_probs.device)
-    _grpo_loss_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+    launch(_grpo_loss_bwd_kernel, (triton.cdiv(n, BLOCK),), log_probs.device,
         grad_loss.reshape(1).contiguous(), *tensors, ref, grad_logp, n, float(clip_range), float(kl_coef),
         params if in_memory else grad_logp, HAS_REF=ref_log_probs is not None, BLOCK_SIZE=BLOCK,
         COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
