@@ -127,6 +127,8 @@ class EngineConfig:
     gradient_checkpointing: bool = doc("Recompute UNet activations in the backward pass to save memory", False)
     attention: str = doc("UNet attention: 'sdpa' (PyTorch) or 'xformers' (CUDA only; falls back to SDPA with a "
                          "notice)", "sdpa", choices=("sdpa", "xformers"))
+    allow_tf32: bool = doc("On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer; "
+                           "about 10 mantissa bits, as SD trainers run fp32)", False)
 
 
 @dataclass

@@ -56,3 +56,10 @@ def resolve_device(name: str, *, setting: str = "run.device") -> torch.device:
                           + (f" (LOCAL_RANK={local_rank})" if local_rank is not None else ""))
     torch.cuda.set_device(device)
     return device
+
+
+def configure_cuda_math(device: torch.device, *, allow_tf32: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions on `device` (process-wide switches; nothing on CPU)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32

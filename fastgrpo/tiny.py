@@ -1,9 +1,10 @@
 """Tiny randomly initialised models in the real on-disk formats.
 
 `build_tiny_pipeline(dir)` writes a diffusers Stable Diffusion directory (UNet, VAE, CLIP text encoder, tokenizer,
-scheduler) and `build_tiny_clip(dir)` an open_clip model-config JSON plus checkpoint, so the trainer's real
-`from_pretrained` / open_clip loading code runs without any download. The tokenizer is CLIP's own BPE (the
-vocabulary file that open_clip ships), truncated to its first merges to keep the embedding table small.
+scheduler), `build_sd14_pipeline(dir)` the same at Stable Diffusion v1.4's size, and `build_tiny_clip(dir)` an
+open_clip model-config JSON plus checkpoint, so the trainer's real `from_pretrained` / open_clip loading code runs
+without any download. The tokenizer is CLIP's own BPE (the vocabulary file that open_clip ships), truncated to its
+first merges in the tiny models to keep the embedding table small.
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ def _write_clip_tokenizer(directory: Path, num_merges: int = TINY_MERGES) -> int
 def build_tiny_pipeline(directory: str | os.PathLike, *, seed: int = 0, sample_size: int = 8,
                         prediction_type: str = "epsilon") -> Path:
     """Save a tiny random Stable Diffusion v1.x-layout pipeline (latents 4 x sample_size^2, images 2x larger)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    directory = Path(directory)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -50,14 +49,44 @@ def build_tiny_pipeline(directory: str | os.PathLike, *, seed: int = 0, sample_s
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
+    return _save_pipeline(Path(directory), unet, vae, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4), TINY_MERGES, prediction_type)
+
+
+def build_sd14_pipeline(directory: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Save a pipeline with Stable Diffusion v1.4's architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder
+    123M, the full CLIP BPE vocabulary) and random weights: real shapes and costs, no download. About 4.3 GB."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, norm_num_groups=32, sample_size=512)
+    return _save_pipeline(Path(directory), unet, vae, dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                           num_attention_heads=12, hidden_act="quick_gelu",
+                                                           projection_dim=768), SD_MERGES, "epsilon")
+
+
+SD_MERGES = 48894  # CLIP's full vocabulary: 512 byte tokens + 48894 merges + 2 special tokens = 49408
+
+
+def _save_pipeline(directory: Path, unet, vae, text_config: dict, num_merges: int, prediction_type: str) -> Path:
+    """Write unet and vae with a CLIP text encoder (text_config) and tokenizer as a diffusers SD directory."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     tokenizer_dir = directory / "tokenizer"
-    vocab_size = _write_clip_tokenizer(tokenizer_dir)
+    vocab_size = _write_clip_tokenizer(tokenizer_dir, num_merges)
     tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
                               model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1))
+        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1, **text_config))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     pipeline = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

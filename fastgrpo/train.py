@@ -22,7 +22,7 @@ import torch
 from fastgrpo.allocator import keep_freed_memory
 from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, load_unet, save_checkpoint, save_unet
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
-from fastgrpo.devices import resolve_device
+from fastgrpo.devices import configure_cuda_math, resolve_device
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
@@ -97,6 +97,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                         load_prompts(data.unsafe_prompts, data.unsafe_column),
                         data.unsafe_fraction, config.sample.prompts_per_epoch, run.seed)
     device = resolve_device(run.device)
+    configure_cuda_math(device, allow_tf32=config.engine.allow_tf32)
     world_size = _start_distributed(config)
     validate_world_size(config, world_size)
     if device.type == "cpu":

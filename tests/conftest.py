@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels run on CPU tensors through the interpreter; it must be set before triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The kernel tests run on CPU tensors (Triton through its interpreter) unless FASTGRPO_TEST_DEVICE=cuda, which the
+# device check (bench/device_check.sh) sets to run the same cases on a GPU with compiled kernels.
+TEST_DEVICE_NAME = os.environ.get("FASTGRPO_TEST_DEVICE", "cpu")
+if TEST_DEVICE_NAME == "cpu":
+    # must be set before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from fastgrpo.tiny import build_tiny_clip, build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_DEVICE = torch.device(TEST_DEVICE_NAME)
 
 
 @pytest.fixture(scope="session", autouse=True)

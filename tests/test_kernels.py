@@ -12,7 +12,9 @@ from fastgrpo import ops
 from fastgrpo.ops import ddim, reference
 from fastgrpo.ops.dispatch import cpp_kernels
 
-FUSED = ["cpp", "triton"]
+from conftest import TEST_DEVICE as DEVICE
+
+FUSED = ["cpp", "triton"] if DEVICE.type == "cpu" else ["triton"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +34,9 @@ def step_inputs(batch=3, shape=(4, 5, 7), seed=0, dtype=torch.float32, with_unco
     tensors = [torch.randn(batch, *shape, generator=gen, dtype=torch.float64) for _ in range(4)]
     alpha_t = torch.rand(batch, generator=gen, dtype=torch.float64) * 0.8 + 0.05
     alpha_prev = alpha_t + (1 - alpha_t) * torch.rand(batch, generator=gen, dtype=torch.float64) * 0.5
-    cond, uncond, sample, other = (t.to(dtype) for t in tensors)
-    return cond, (uncond if with_uncond else None), sample, other, alpha_t.to(dtype), alpha_prev.to(dtype)
+    cond, uncond, sample, other = (t.to(DEVICE, dtype) for t in tensors)
+    return cond, (uncond if with_uncond else None), sample, other, alpha_t.to(DEVICE, dtype), \
+        alpha_prev.to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -101,7 +104,7 @@ def test_logprob_gradients_match_fp64_reference(backend, with_uncond, wanted, dt
     forward's residual) against autograd through the float64 reference, in its input's dtype."""
     cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(3, (4, 9, 11), seed=9, dtype=dtype,
                                                                   with_uncond=with_uncond)
-    weights = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)  # a grad_out that differs per sample
+    weights = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64, device=DEVICE)  # a grad_out that differs per sample
     kwargs = dict(eta=0.9, guidance_scale=6.0, prediction_type="epsilon", reduction="sum")
     grads = {}
     for name, cast in (("reference", torch.float64), (backend, dtype)):
@@ -190,7 +193,7 @@ def test_triton_logprob_is_one_launch_each_way(monkeypatch):
     assert set(forward_ops.ops) <= allowed, forward_ops.ops
     assert launches == [kernel_module._ddim_logprob_fwd_kernel.kernel]
     residual = log_prob.grad_fn.saved_tensors[0]
-    grad_out = torch.ones(()).expand(2)
+    grad_out = torch.ones((), device=DEVICE).expand(2)
     launches.clear()
     with _RecordAtenOps() as backward_ops:
         grads = ddim._backward(grad_out, residual, alpha_t, alpha_prev, 1.0, 5.0, "epsilon", "mean", True,
@@ -215,9 +218,9 @@ def test_triton_advantages_and_loss_are_one_launch_each(monkeypatch):
                          (loss_module, "_grpo_loss_bwd_kernel")):
         monkeypatch.setattr(module, name, _CountLaunches(getattr(module, name), launches))
     log_probs, old, _, ref = loss_inputs(32, seed=12, dtype=torch.float32)
-    rewards = torch.randn(32, generator=torch.Generator().manual_seed(13))
+    rewards = torch.randn(32, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     leaf = log_probs.requires_grad_(True)
-    upstream = torch.ones(())
+    upstream = torch.ones((), device=DEVICE)
     allowed = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "as_strided", "expand", "alias",
                "detach", "select", "unbind", "unsqueeze", "squeeze"}
     with _RecordAtenOps() as forward_ops:
@@ -275,7 +278,7 @@ def test_low_precision_error_rule(backend, dtype):
 @pytest.mark.parametrize("std", ["group", "global"])
 @pytest.mark.parametrize("unbiased", [True, False])
 def test_group_advantages_match_reference(backend, std, unbiased):
-    rewards = torch.randn(48, generator=torch.Generator().manual_seed(5))
+    rewards = torch.randn(48, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     rewards[16:32] = 0.5  # a group with zero spread
     kwargs = dict(std=std, unbiased=unbiased, clip=1.5)
     got = ops.group_advantages(rewards, 16, backend=backend, **kwargs)
@@ -287,7 +290,7 @@ def test_group_advantages_match_reference(backend, std, unbiased):
 @pytest.mark.parametrize("backend", FUSED)
 def test_group_advantages_reject_group_ids(backend):
     with pytest.raises(ops.BackendUnavailableError, match="group ids are not supported"):
-        ops.group_advantages(torch.zeros(4), torch.tensor([0, 0, 1, 1]), backend=backend)
+        ops.group_advantages(torch.zeros(4, device=DEVICE), torch.tensor([0, 0, 1, 1], device=DEVICE), backend=backend)
     assert ops.group_advantages(torch.tensor([1.0, 0.0, 3.0, 1.0]), torch.tensor([0, 0, 1, 1])).tolist() == \
         pytest.approx([0.7071, -0.7071, 0.7071, -0.7071], abs=1e-4)  # auto falls back to the reference
 
@@ -295,8 +298,9 @@ def test_group_advantages_reject_group_ids(backend):
 def loss_inputs(n, seed, spread=0.05, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     old = torch.randn(n, generator=gen, dtype=dtype)
-    return (old + spread * torch.randn(n, generator=gen, dtype=dtype), old, torch.randn(n, generator=gen, dtype=dtype),
-            old + 0.1 * torch.randn(n, generator=gen, dtype=dtype))
+    tensors = (old + spread * torch.randn(n, generator=gen, dtype=dtype), old,
+               torch.randn(n, generator=gen, dtype=dtype), old + 0.1 * torch.randn(n, generator=gen, dtype=dtype))
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -321,9 +325,9 @@ def test_grpo_loss_matches_reference(backend, with_ref, n):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_grpo_loss_all_clipped_has_zero_gradient(backend):
-    old = torch.zeros(6)
-    log_probs = torch.full((6,), 0.5, requires_grad=True)
-    adv = torch.ones(6)  # ratio e^0.5 > 1 + eps with positive advantage: every entry clipped
+    old = torch.zeros(6, device=DEVICE)
+    log_probs = torch.full((6,), 0.5, requires_grad=True, device=DEVICE)
+    adv = torch.ones(6, device=DEVICE)  # ratio e^0.5 > 1 + eps with positive advantage: every entry clipped
     loss, stats = ops.grpo_loss(log_probs, old, adv, clip_range=0.1, backend=backend)
     loss.backward()
     assert stats["clipfrac"].item() == 1.0 and torch.all(log_probs.grad == 0)
@@ -348,7 +352,8 @@ def test_opcheck(backend, op):
         log_probs, old, adv, ref = loss_inputs(9, seed=7, dtype=torch.float32)
         torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, 0.05, 0.1, backend))
     else:
-        torch.library.opcheck(ops.group_advantages_op, (torch.randn(8), 4, False, True, 2.5, 1e-8, backend))
+        torch.library.opcheck(ops.group_advantages_op, (torch.randn(8, device=DEVICE), 4, False, True, 2.5, 1e-8,
+                                                         backend))
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -358,7 +363,7 @@ def test_torch_compile_fullgraph(backend):
     def step_loss(c, u):
         lp = ops.ddim_logprob(c, sample, prev, alpha_t, alpha_prev, uncond_output=u, guidance_scale=5.0,
                               backend=backend)
-        loss, _ = ops.grpo_loss(lp, lp.detach() - 0.01, torch.tensor([1.0, -1.0]), clip_range=0.1,
+        loss, _ = ops.grpo_loss(lp, lp.detach() - 0.01, torch.tensor([1.0, -1.0], device=DEVICE), clip_range=0.1,
                                 backend=backend)
         return loss
 
@@ -378,9 +383,9 @@ def test_torch_compile_fullgraph(backend):
        seed=st.integers(0, 2**16))
 def test_fuzz_logprob_against_reference(batch, channels, side, guidance, eta, step, prediction_type, backend, seed):
     gen = torch.Generator().manual_seed(seed)
-    cond, uncond, sample, prev = (torch.randn(batch, channels, side, side, generator=gen, dtype=torch.float64)
-                                  for _ in range(4))
-    alpha_t = torch.full((batch,), 1.0 - step, dtype=torch.float64)
+    cond, uncond, sample, prev = (torch.randn(batch, channels, side, side, generator=gen,
+                                              dtype=torch.float64).to(DEVICE) for _ in range(4))
+    alpha_t = torch.full((batch,), 1.0 - step, dtype=torch.float64, device=DEVICE)
     alpha_prev = torch.clamp(alpha_t + 0.01, max=0.9999)
     kwargs = dict(eta=eta, uncond_output=uncond, guidance_scale=guidance, prediction_type=prediction_type)
     expected = reference.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, **kwargs)
