@@ -126,3 +126,13 @@ def peak_memory(fn) -> int | None:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks marked sd_scale (minutes each on a CPU, 4.3 GB of disk) run only when asked for: -m sd_scale."""
+    if "sd_scale" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if "sd_scale" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if "sd_scale" not in item.keywords]

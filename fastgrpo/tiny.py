@@ -56,20 +56,28 @@ def build_tiny_pipeline(directory: str | os.PathLike, *, seed: int = 0, sample_s
 def build_sd14_pipeline(directory: str | os.PathLike, *, seed: int = 0) -> Path:
     """Save a pipeline with Stable Diffusion v1.4's architecture (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder
     123M, the full CLIP BPE vocabulary) and random weights: real shapes and costs, no download. About 4.3 GB."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-        norm_num_groups=32)
+    unet = sd14_unet()
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=2, norm_num_groups=32, sample_size=512)
     return _save_pipeline(Path(directory), unet, vae, dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                            num_attention_heads=12, hidden_act="quick_gelu",
                                                            projection_dim=768), SD_MERGES, "epsilon")
+
+
+def sd14_unet():
+    """A UNet2DConditionModel with Stable Diffusion v1.4's configuration (859.5M parameters), randomly initialised.
+    Needs only diffusers (the device check builds it on a GPU image that has nothing else)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        norm_num_groups=32)
 
 
 SD_MERGES = 48894  # CLIP's full vocabulary: 512 byte tokens + 48894 merges + 2 special tokens = 49408
