@@ -222,3 +222,12 @@ def test_triton_launches_make_the_tensors_device_current(monkeypatch):
     for target in ("cuda:1", "cuda:0", "cpu"):
         kernels.launch(Kernel(), (1,), torch.device(target))
     assert launched_on == [1, 0, 0] and current == [0]
+
+
+def test_info_on_a_gpu_machine_picks_triton_for_cuda_tensors(monkeypatch):
+    from fastgrpo.info import backend_table
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    table = backend_table()
+    for op in ("ddim_logprob", "ddim_step", "group_advantages", "grpo_loss"):
+        assert f"{op:<17} cuda  -> triton" in table and f"{op:<17} cpu   -> cpp" in table
