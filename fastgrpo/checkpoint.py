@@ -7,6 +7,7 @@ checkpoints intact. `unet/` is diffusers' save_pretrained format (a stock pipeli
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,7 +41,10 @@ def is_complete(path: Path) -> bool:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain Python values (what weights_only loading accepts)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,8 +52,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -119,10 +125,33 @@ def find_checkpoint(output_dir: str | Path, resume: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, engine, load_model=load_unet) -> dict:
+
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state of checkpoint `path`, read without running any code it may carry: torch's weights_only
+    unpickler builds tensors, numbers, strings and containers only. A file that holds anything else (a pickle that
+    would call a function, say) or is damaged is refused with an error naming it."""
+    file = path / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "not a trainer state"
+        raise FastGRPOError(f"run.resume: {file} holds objects a fastgrpo checkpoint never does; refused without "
+                            f"loading it ({reason[:160]})") from None
+    except Exception as error:  # noqa: BLE001 - truncated zip, bad magic number, wrong format: one line
+        raise FastGRPOError(f"run.resume: {file} is damaged or not a torch file ({type(error).__name__}: "
+                            f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''})") from None
+    missing = [key for key in ("epoch", "global_step", "engine", "rng")
+               if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise FastGRPOError(f"run.resume: {file} is not a fastgrpo trainer state (missing {', '.join(missing)})")
+    return state
+
+
+def load_checkpoint(path: Path, engine, load_model=load_unet, state: dict | None = None) -> dict:
     """Restore weights, optimiser and schedule through the engine; returns the trainer state (RNG states restored).
-    load_model(unet, directory) reads the model part back (single process; DeepSpeed has its own copy)."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    load_model(unet, directory) reads the model part back (single process; DeepSpeed has its own copy). `state`:
+    the trainer state already read with `read_trainer_state` (the trainer reads it before any model loads)."""
+    state = read_trainer_state(path) if state is None else state
     engine.load_state(path, state, load_model)
     set_rng_state(state["rng"])
     return state

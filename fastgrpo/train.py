@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from fastgrpo.allocator import keep_freed_memory
-from fastgrpo.checkpoint import find_checkpoint, load_checkpoint, load_unet, save_checkpoint, save_unet
+from fastgrpo.checkpoint import (find_checkpoint, load_checkpoint, load_unet, read_trainer_state, save_checkpoint,
+                                 save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
@@ -93,6 +94,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     run, data = config.run, config.data
     output_dir = Path(run.output_dir)
     checkpoint = find_checkpoint(output_dir, run.resume) if run.resume else None
+    saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None  # fails before models load
     mixer = PromptMixer(load_prompts(data.safe_prompts, data.safe_column),
                         load_prompts(data.unsafe_prompts, data.unsafe_column),
                         data.unsafe_fraction, config.sample.prompts_per_epoch, run.seed)
@@ -120,7 +122,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     engine = _build_engine(config, models.unet, world_size, device)
     start_epoch, global_step = 0, 0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet)
+        state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet, saved_state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
     sample = config.sample
     autocast = precision == "bf16" and config.engine.deepspeed is None
