@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgrpo.errors import FastGRPOError
+from fastgrpo.errors import FastGRPOError, NonFiniteError
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^epoch_(\d+)$")
@@ -86,9 +86,14 @@ def save_checkpoint(output_dir: str | Path, epoch: int, engine, trainer_state: d
         staging.mkdir(parents=True)
     engine.barrier()
     engine.save_state(staging)
-    with engine.full_model() as unet:
-        if engine.is_main:
+    with engine.full_model() as unet:  # a checkpoint never holds NaN or inf, so keep_last never drops the last good one
+        bad = [name for name, p in unet.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if engine.is_main and not bad:
             save_model(unet, staging)
+    if bad:
+        if engine.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise NonFiniteError(f"{len(bad)} trained UNet tensors hold NaN or inf (first: {bad[0]}); not saved")
     if engine.is_main:
         torch.save({**trainer_state, "epoch": epoch, "engine": engine.state_dict(), "rng": rng_state()},
                    staging / STATE_FILE)

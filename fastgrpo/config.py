@@ -105,6 +105,9 @@ class TrainConfig:
     max_grad_norm: float = doc("Gradient-norm clip; 0 = off", 1.0)
     ops_backend: str = doc("Backend of the log-prob/advantage/loss ops", "auto",
                            choices=("auto", "triton", "cpp", "reference"))
+    on_nonfinite: str = doc("A non-finite loss or gradient norm: 'stop' (one line, exit 2, nothing saved after the "
+                            "last checkpoint) or 'skip' (that optimiser step is skipped and logged; one process "
+                            "only). Non-finite rewards always stop", "stop", choices=("stop", "skip"))
 
 
 @dataclass
@@ -282,6 +285,8 @@ def validate_world_size(config: Config, world_size: int) -> None:
     """Under DeepSpeed every optimiser step has the same number of micro-batches, split evenly over ranks."""
     if config.engine.deepspeed is None:
         return
+    _require(config.train.on_nonfinite == "stop",
+             "train.on_nonfinite=skip needs one process: DeepSpeed's optimiser step cannot be skipped")
     _require(not config.train.drop_zero_std_groups,
              "train.drop_zero_std_groups needs one process: DeepSpeed wants the same micro-batch count every step")
     samples = config.sample.prompts_per_epoch * config.sample.group_size

@@ -7,8 +7,11 @@ the same methods.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
+
+from fastgrpo.errors import NonFiniteError
 
 
 def warmup_schedule(warmup_steps: int):
@@ -35,14 +38,26 @@ class SingleProcessEngine:
         """Accumulate gradients of `loss`; is_last marks the final micro-batch before `step`."""
         loss.backward()
 
-    def step(self) -> torch.Tensor:
-        """Clip, step, advance the LR schedule, zero grads; returns the pre-clip total gradient norm."""
+    def step(self, *, skip_nonfinite: bool = False) -> torch.Tensor:
+        """Clip, step, advance the LR schedule, zero grads; returns the pre-clip total gradient norm.
+
+        A non-finite norm raises NonFiniteError before the weights change, or with skip_nonfinite drops this step's
+        gradients and leaves weights, optimiser and schedule as they were."""
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+        if not math.isfinite(float(grad_norm)):  # the step's one host sync (the trainer logs the norm anyway)
+            self.optimizer.zero_grad(set_to_none=True)
+            if skip_nonfinite:
+                return grad_norm
+            raise NonFiniteError(f"gradient norm is {float(grad_norm)}; the step was not applied")
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without stepping."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def learning_rate(self) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fastgrpo.engine import warmup_schedule
-from fastgrpo.errors import ConfigError
+from fastgrpo.errors import ConfigError, NonFiniteError
 
 PACKAGED = Path(__file__).parent / "configs" / "deepspeed"
 STATE_DIR = "deepspeed"
@@ -96,11 +97,17 @@ class DeepSpeedEngine:
         if not is_last:
             self.engine.step()
 
-    def step(self) -> torch.Tensor:
+    def step(self, *, skip_nonfinite: bool = False) -> torch.Tensor:
+        """A non-finite gradient norm raises NonFiniteError after DeepSpeed's step (which owns the norm); the
+        trainer then stops without saving, so no checkpoint holds the result."""
+        if skip_nonfinite:
+            raise ConfigError("train.on_nonfinite=skip needs one process")
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's gradient-accumulation count is out of step with the trainer's plan")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            raise NonFiniteError(f"gradient norm is {float(norm)}")
         return torch.tensor(float("nan") if norm is None else float(norm))
 
     @property

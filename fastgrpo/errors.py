@@ -13,5 +13,9 @@ class DataError(FastGRPOError):
     """A prompt source cannot be read or is empty."""
 
 
+class NonFiniteError(FastGRPOError):
+    """Training produced a NaN or infinity (loss, gradient norm, reward or weights)."""
+
+
 class ModelLoadError(FastGRPOError):
     """A model directory or checkpoint is missing or has the wrong format."""

@@ -6,12 +6,14 @@ Nothing here knows about files, logging or the distributed backend: the update t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from fastgrpo import ops
+from fastgrpo.errors import NonFiniteError
 
 # (samples (B,), steps (B,)) -> log-probs (B,)
 LogProbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,6 +63,7 @@ class LossSettings:
     clip_range: float
     kl_coef: float = 0.0
     backend: str = "auto"
+    skip_nonfinite: bool = False  # skip an optimiser step whose loss or gradient norm is not finite (else raise)
 
 
 class StepStats:
@@ -120,6 +123,13 @@ def policy_update(engine, policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None
                 loss_stats = {**loss_stats, "kl": kl.detach().mean()}
             engine.backward(value / len(micro_batches), is_last=(rows, k) == micro_batches[-1])
             stats.add(value, loss_stats)
-        learning_rate = engine.learning_rate
-        grad_norm = engine.step()
-        yield {**engine.reduce_stats(stats.result()), "grad_norm": float(grad_norm), "lr": learning_rate}
+        reduced, learning_rate = engine.reduce_stats(stats.result()), engine.learning_rate  # same on every rank
+        if not math.isfinite(reduced["loss"]):
+            if not loss.skip_nonfinite:
+                raise NonFiniteError(f"loss is {reduced['loss']}; the step was not applied")
+            engine.skip_step()
+            yield {**reduced, "grad_norm": float("nan"), "lr": learning_rate, "skipped": True}
+            continue
+        grad_norm = float(engine.step(skip_nonfinite=loss.skip_nonfinite))
+        yield {**reduced, "grad_norm": grad_norm, "lr": learning_rate, **({} if math.isfinite(grad_norm) else
+                                                                          {"skipped": True})}

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from fastgrpo.allocator import keep_freed_memory
-from fastgrpo.checkpoint import (find_checkpoint, load_checkpoint, load_unet, read_trainer_state, save_checkpoint,
-                                 save_unet)
+from fastgrpo.checkpoint import (find_checkpoint, list_checkpoints, load_checkpoint, load_unet, read_trainer_state,
+                                 save_checkpoint, save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
+from fastgrpo.errors import NonFiniteError
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
@@ -213,7 +214,8 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
         plan.order, plan.steps = plan.order.to(s.device), plan.steps.to(s.device)
         yield from policy_update(s.engine, policy_fn, ref_fn, trajectories.log_probs, advantages, plan,
                                  batch_size=t.batch_size, samples_per_step=t.samples_per_step // s.engine.world_size,
-                                 loss=LossSettings(t.clip_range, t.kl_coef, t.ops_backend))
+                                 loss=LossSettings(t.clip_range, t.kl_coef, t.ops_backend,
+                                                   skip_nonfinite=t.on_nonfinite == "skip"))
 
 
 def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> float | None:
@@ -233,6 +235,9 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, i
     t1 = time.perf_counter()
     local_rewards = s.reward(trajectories.images, batch.prompts, trajectories.prompt_index)
     rewards = gather_rewards(s, sample_ids, local_rewards, batch.sample_prompt.shape[0])        # (N,)
+    if not bool(torch.isfinite(rewards).all()):
+        raise NonFiniteError(f"{int((~torch.isfinite(rewards)).sum())} of {rewards.shape[0]} rewards are not finite "
+                             "(check the reward model and the images)")
     _sync(s.device)
     t2 = time.perf_counter()
     t = s.config.train
@@ -296,7 +301,13 @@ def train(config: Config) -> Path:
                     desc="fastgrpo", unit="epoch", disable=not (config.run.progress and main_rank))
     try:
         for epoch in progress:
-            record, global_step = run_epoch(session, epoch, global_step, writer)
+            try:
+                record, global_step = run_epoch(session, epoch, global_step, writer)
+            except NonFiniteError as error:
+                saved = list_checkpoints(output_dir)
+                kept = f"the newest checkpoint is {saved[-1][1]}" if saved else "no checkpoint was saved"
+                raise NonFiniteError(f"epoch {epoch}: {error}; stopped before saving ({kept}; a lower "
+                                     "train.learning_rate may help)") from None
             progress.set_postfix(reward=f"{record['reward_mean']:.4f}", step=global_step)
             if epoch == start_epoch:
                 log_memory(session, epoch, global_step, writer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,74 @@ def test_saved_trainer_state_reads_back_under_weights_only(tiny_overrides):
     state = read_trainer_state(list_checkpoints(output_dir)[-1][1])
     assert state["epoch"] == 0 and state["engine"]["optimizer"]["state"]
     assert state["rng"]["numpy"][1].dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------ non-finite values
+
+
+def nan_after_first_epoch_run(tiny_overrides, extra=()):
+    """The drill's command: a learning rate whose first update (the one step of epoch 0) drives the next losses to
+    NaN."""
+    return main(["train", "--config", "smoke", *tiny_overrides, "sample.num_steps=4", "run.epochs=3",
+                 "run.save_every=1", "run.keep_last=2", "train.learning_rate=1e3", "train.samples_per_step=8",
+                 *extra])
+
+
+def all_finite(checkpoint) -> bool:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors"))
+    return all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_and_keeps_the_last_finite_checkpoint(tiny_overrides, capsys):
+    from fastgrpo.checkpoint import list_checkpoints
+
+    output_dir = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("run.output_dir="))
+    code = nan_after_first_epoch_run(tiny_overrides)
+    error = capsys.readouterr().err.strip().splitlines()
+    # the huge weights of the first update make epoch 1's images, hence rewards, NaN
+    assert code == 2 and len(error) == 1 and "epoch 1: 8 of 8 rewards are not finite" in error[0], error
+    assert "epoch_0" in error[0]  # names the checkpoint to go back to
+    saved = list_checkpoints(output_dir)
+    assert [epoch for epoch, _ in saved] == [0] and all_finite(saved[0][1]), "the last finite checkpoint is gone"
+    assert not list((Path(output_dir) / "checkpoints").glob(".*partial"))
+
+
+class Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+
+def one_step(make_log_probs, skip):
+    """policy_update over one optimiser step of 4 samples whose log-probs come from make_log_probs(weight)."""
+    from fastgrpo.config import TrainConfig
+    from fastgrpo.engine import SingleProcessEngine
+    from fastgrpo.grpo import LossSettings, UpdatePlan, policy_update
+
+    model = Linear()
+    engine = SingleProcessEngine(model, TrainConfig(learning_rate=0.1))
+    plan = UpdatePlan(torch.arange(4), torch.zeros(4, 1, dtype=torch.long))
+    policy_fn = lambda samples, steps: (make_log_probs(model.weight)[samples], None)  # noqa: E731
+    stats = list(policy_update(engine, policy_fn, None, torch.zeros(4, 1), torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                               plan, batch_size=4, samples_per_step=4,
+                               loss=LossSettings(0.2, skip_nonfinite=skip)))
+    return model, engine, stats
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+def test_a_nonfinite_step_is_never_applied(kind):
+    from fastgrpo.errors import NonFiniteError
+
+    if kind == "loss":
+        make = lambda w: torch.cat([w * float("nan"), w[:1]])  # noqa: E731
+    else:  # a finite loss whose gradient is infinite: d sqrt(x)/dx at 0
+        make = lambda w: torch.cat([torch.sqrt(w - w.detach()), w[:1] * 0])  # noqa: E731
+    with pytest.raises(NonFiniteError, match="not applied"):
+        one_step(make, skip=False)
+    model, engine, stats = one_step(make, skip=True)
+    assert stats[0]["skipped"] is True
+    assert torch.equal(model.weight.detach(), torch.ones(3)) and not engine.optimizer.state
+    assert model.weight.grad is None
