@@ -142,6 +142,8 @@ class RunConfig:
     save_every: int = doc("Save a checkpoint every N epochs (and always after the last)", 1)
     keep_last: int = doc("Checkpoints kept; older ones are deleted", 2)
     resume: str | None = doc("null, 'latest' (newest checkpoint in output_dir) or a checkpoint directory", None)
+    overwrite: bool = doc("Replace the run that output_dir already holds (its config, metrics, samples and "
+                          "checkpoints are deleted); without it such a directory is refused unless resumed", False)
     device: str = doc("'auto' (CUDA when available; cuda:LOCAL_RANK under a launcher), 'cpu' or 'cuda[:N]'",
                       "auto")
     num_sample_images: int = doc("Images in each epoch's PNG grid under samples/; 0 = none", 8)

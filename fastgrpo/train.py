@@ -13,6 +13,7 @@ if __name__ == "__main__" and not __package__:  # script path: make `fastgrpo` i
 
 import contextlib
 import copy
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, lo
 from fastgrpo.prompts import PromptMixer, load_prompts
 from fastgrpo.reward import SteeringReward, load_steering_reward
 from fastgrpo.rng import generator
+from fastgrpo.rundir import claim_run_dir
 
 
 @dataclass
@@ -287,6 +289,13 @@ class _NoWriter:
 
 def train(config: Config) -> Path:
     """Run (or resume) training as configured; returns the output directory."""
+    run = config.run
+    with claim_run_dir(run.output_dir, resume=run.resume, overwrite=run.overwrite,
+                       main_process=os.environ.get("RANK", "0") == "0"):
+        return _train(config)
+
+
+def _train(config: Config) -> Path:
     session, start_epoch, global_step = prepare(config)
     output_dir, main_rank = session.output_dir, session.engine.is_main
     writer = _NoWriter()

@@ -136,3 +136,64 @@ def test_a_nonfinite_step_is_never_applied(kind):
     assert stats[0]["skipped"] is True
     assert torch.equal(model.weight.detach(), torch.ones(3)) and not engine.optimizer.state
     assert model.weight.grad is None
+
+
+# ------------------------------------------------------------------------------------------ the run directory
+
+
+def output_dir_of(overrides) -> Path:
+    return Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir=")))
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_not_overwritten_without_asking(tiny_overrides, capsys):
+    from fastgrpo.checkpoint import list_checkpoints
+
+    overrides = tiny_overrides + ["run.save_every=1", "run.keep_last=5"]
+    assert main(["train", "--config", "smoke", *overrides, "run.epochs=3"]) == 0
+    output_dir = output_dir_of(overrides)
+    before = {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--config", "smoke", *overrides, "run.epochs=1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "holds another run" in error[0] and "run.overwrite=true" in error[0], error
+    assert {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()} == before  # untouched
+    # replacing it on purpose leaves nothing of the old run (no old epoch_2 to resume from by mistake)
+    assert main(["train", "--config", "smoke", *overrides, "run.epochs=1", "run.overwrite=true"]) == 0
+    assert [epoch for epoch, _ in list_checkpoints(output_dir)] == [0]
+    assert len((output_dir / "metrics.jsonl").read_text().splitlines()) < len(before[output_dir / "metrics.jsonl"]
+                                                                               .decode().splitlines())
+    assert not (output_dir / ".fastgrpo.lock").exists()
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    import json
+    import socket
+
+    from fastgrpo.errors import ConfigError
+    from fastgrpo.rundir import LOCK_FILE, claim_run_dir
+
+    with claim_run_dir(tmp_path / "run", resume=None, overwrite=False):
+        lock = tmp_path / "run" / LOCK_FILE
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=f"in use by process {os.getpid()}"):
+            with claim_run_dir(tmp_path / "run", resume="latest", overwrite=False):
+                pass
+        assert lock.exists()  # the refused claim left the holder's lock alone
+    assert not lock.exists()
+    # a lock whose process is gone is taken over
+    (tmp_path / "run").mkdir(exist_ok=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))
+    with claim_run_dir(tmp_path / "run", resume=None, overwrite=False):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_an_output_dir_that_is_a_file_fails_before_models_load(tiny_overrides, tmp_path, capsys, monkeypatch):
+    import fastgrpo.train as train_module
+
+    monkeypatch.setattr(train_module, "load_diffusion_models", lambda *a, **k: pytest.fail("models loaded"))
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    assert main(["train", "--config", "smoke", *tiny_overrides, f"run.output_dir={target}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is not a directory" in error[0], error
