@@ -136,12 +136,15 @@ class SteeringReward:
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        """Unit-norm text embeddings (len(texts), D), fp32, cached per text."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            tokens = self.tokenizer(missing).to(self.device)
-            embeddings = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            self._text_cache.update(zip(missing, embeddings))
+        """Unit-norm text embeddings (len(texts), D), fp32, cached per text.
+
+        Each text is encoded on its own: a batched matmul may round differently with the batch's size and
+        composition, and which texts are new depends on what the cache already holds (after a resume, everything),
+        so batching would make a resumed run's rewards differ from the uninterrupted run's in the last bits."""
+        for text in dict.fromkeys(texts):
+            if text not in self._text_cache:
+                tokens = self.tokenizer([text]).to(self.device)
+                self._text_cache[text] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0]
         return torch.stack([self._text_cache[t] for t in texts])
 
     @torch.no_grad()

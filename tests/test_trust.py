@@ -197,3 +197,60 @@ def test_an_output_dir_that_is_a_file_fails_before_models_load(tiny_overrides, t
     assert main(["train", "--config", "smoke", *tiny_overrides, f"run.output_dir={target}"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "is not a directory" in error[0], error
+
+
+# ------------------------------------------------------------------------------------------ exact resume
+
+
+def run_args(output_dir, *extra):
+    return ["train", "--config", "smoke", "sample.num_steps=4", "train.samples_per_step=8", "run.epochs=4",
+            "run.save_every=1", "run.keep_last=5", "run.progress=false", "run.tensorboard=false",
+            "run.num_sample_images=0", f"run.output_dir={output_dir}", *extra]
+
+
+def final_weights(output_dir):
+    from safetensors.torch import load_file
+
+    from fastgrpo.checkpoint import list_checkpoints
+
+    epoch, path = list_checkpoints(output_dir)[-1]
+    return epoch, load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def training_lines(output_dir):
+    import json
+
+    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    timing = ("rollout_s", "reward_s", "train_s")
+    return [{k: v for k, v in line.items() if k not in timing} for line in lines if "rank" not in line]
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_mid_epoch_is_bitwise_equal_to_the_uninterrupted_run(tmp_path):
+    """kill -9 while epoch 2 trains (after its first optimiser step), then run.resume=latest: the last checkpoint's
+    weights and every logged value equal those of a run that was never interrupted (CPU)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(run_args(straight)) == 0
+    process = subprocess.Popen([sys.executable, "-m", "fastgrpo.cli", *run_args(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = killed / "metrics.jsonl", time.time() + 600
+    while process.poll() is None and time.time() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any('"loss"' in line and json.loads(line)["epoch"] == 2 for line in lines):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    assert final_weights(killed)[0] == 1  # epoch 2 was cut short: its checkpoint does not exist
+    assert main(run_args(killed, "run.resume=latest")) == 0
+    (epoch_a, a), (epoch_b, b) = final_weights(straight), final_weights(killed)
+    assert epoch_a == epoch_b == 3 and a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} of {len(a)} UNet tensors differ after resuming"
+    assert training_lines(straight) == training_lines(killed)
