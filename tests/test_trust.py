@@ -254,3 +254,13 @@ def test_resume_after_a_kill_mid_epoch_is_bitwise_equal_to_the_uninterrupted_run
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, f"{len(differing)} of {len(a)} UNet tensors differ after resuming"
     assert training_lines(straight) == training_lines(killed)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("value", [0.7, 0.1, -3.3, 1e-3])
+def test_a_group_of_equal_rewards_gets_zero_advantage(backend, value):
+    from fastgrpo import ops
+
+    rewards = torch.cat([torch.full((8,), value), torch.linspace(0, 1, 8)])
+    advantages = ops.group_advantages(rewards, 8, backend=backend)
+    assert torch.equal(advantages[:8], torch.zeros(8)), advantages[:8]

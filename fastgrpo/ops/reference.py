@@ -116,9 +116,14 @@ def group_advantages(rewards, group_size, *, std="group", clip=None, eps=1e-8, u
     num_groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
     counts = torch.zeros(num_groups, dtype=dtype, device=rewards.device).index_add_(
         0, group_ids, torch.ones_like(rewards))
-    sums = torch.zeros(num_groups, dtype=dtype, device=rewards.device).index_add_(0, group_ids, rewards)
-    group_mean = (sums / counts)[group_ids]
-    centered = rewards - group_mean
+    # Measured from each group's first reward, so a group of equal rewards centres to exactly 0 (a mean summed in
+    # floating point can be an ulp off, which divided by std + eps would give every sample a large advantage).
+    positions = torch.arange(rewards.shape[0], device=rewards.device)
+    first = torch.full((num_groups,), rewards.shape[0], device=rewards.device).scatter_reduce_(
+        0, group_ids, positions, "amin")
+    shifted = rewards - rewards[first][group_ids]
+    sums = torch.zeros(num_groups, dtype=dtype, device=rewards.device).index_add_(0, group_ids, shifted)
+    centered = shifted - (sums / counts)[group_ids]
     if std == "group":
         squares = torch.zeros(num_groups, dtype=dtype, device=rewards.device).index_add_(0, group_ids, centered**2)
         denominator = (counts - 1.0) if unbiased else counts
