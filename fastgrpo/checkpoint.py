@@ -81,6 +81,20 @@ def save_checkpoint(output_dir: str | Path, epoch: int, engine, trainer_state: d
     root = checkpoint_root(output_dir)
     final = root / f"epoch_{epoch}"
     staging = root / f".epoch_{epoch}.partial"
+    try:
+        return _write_checkpoint(output_dir, staging, final, epoch, engine, trainer_state, keep_last, save_model)
+    except (FastGRPOError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError or a safetensors error
+        if engine.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise FastGRPOError(f"saving checkpoint {final} failed ({type(error).__name__}: {reason}); the earlier "
+                            "checkpoints are intact and the partial one was removed") from None
+
+
+def _write_checkpoint(output_dir, staging: Path, final: Path, epoch: int, engine, trainer_state: dict,
+                      keep_last: int, save_model) -> Path:
     if engine.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -264,3 +264,28 @@ def test_a_group_of_equal_rewards_gets_zero_advantage(backend, value):
     rewards = torch.cat([torch.full((8,), value), torch.linspace(0, 1, 8)])
     advantages = ops.group_advantages(rewards, 8, backend=backend)
     assert torch.equal(advantages[:8], torch.zeros(8)), advantages[:8]
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(tiny_overrides, monkeypatch, capsys):
+    import errno
+
+    import fastgrpo.checkpoint as checkpoint
+    from fastgrpo.checkpoint import list_checkpoints
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_on_a_full_disk(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint's trainer state runs out of space half-way
+            Path(path).write_bytes(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_on_a_full_disk)
+    code = main(["train", "--config", "smoke", *tiny_overrides, "run.save_every=1", "run.epochs=3"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "No space left on device" in error[0], error
+    output_dir = output_dir_of(tiny_overrides)
+    assert [epoch for epoch, _ in list_checkpoints(output_dir)] == [0]
+    assert not [p.name for p in (output_dir / "checkpoints").iterdir() if p.name.startswith(".")]
