@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except FastGRPOError as error:
         print(f"fastgrpo: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("fastgrpo: interrupted; completed checkpoints are kept (resume with run.resume=latest)",
-              file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"fastgrpo: interrupted{'; ' + str(error) if str(error) else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -17,5 +17,9 @@ class NonFiniteError(FastGRPOError):
     """Training produced a NaN or infinity (loss, gradient norm, reward or weights)."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint a resume would start from."""
+
+
 class ModelLoadError(FastGRPOError):
     """A model directory or checkpoint is missing or has the wrong format."""

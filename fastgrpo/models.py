@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def resolve_pretrained(pretrained: str) -> str:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"model.pretrained: {pretrained!r} is not a diffusers pipeline directory "
                              f"(no model_index.json)")
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelLoadError(f"model.pretrained: {path / 'model_index.json'} is not valid JSON "
+                             f"({str(error).splitlines()[0][:120]})") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise ModelLoadError(f"model.pretrained: {path / 'model_index.json'} is not a diffusers pipeline index "
+                             "(no _class_name)")
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise ModelLoadError(f"model.pretrained: {pretrained!r} lacks the component folder(s) {', '.join(missing)}")
@@ -139,6 +148,20 @@ def configure_unet(unet: torch.nn.Module, *, attention: str, gradient_checkpoint
             return "xformers"
         print(f"fastgrpo: xformers attention unavailable ({reason}); using PyTorch SDPA", file=sys.stderr)
     return "sdpa"
+
+
+def note_truncated_prompts(models: DiffusionModels, prompts: list[str]) -> int:
+    """Say in one line how many prompts the text encoder cuts at its token limit (77 for SD v1.x); returns that
+    number."""
+    import sys
+
+    limit = min(models.tokenizer.model_max_length, models.text_encoder.config.max_position_embeddings)
+    lengths = [len(ids) for ids in models.tokenizer(prompts, truncation=False).input_ids]
+    long = [prompt for prompt, length in zip(prompts, lengths) if length > limit]
+    if long:
+        print(f"fastgrpo: note: {len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} "
+              f"tokens and are truncated (e.g. {long[0][:60]!r}...)", file=sys.stderr)
+    return len(long)
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ def resolve_asset(path: str) -> Path:
 def load_prompts(source: str, column: str = "prompt") -> list[str]:
     """Prompts from a .txt (one per line, blank lines skipped) or a .csv (the named column). DataError on problems."""
     path = resolve_asset(source)
+    if path.is_dir():
+        raise DataError(f"prompt file {source!r} is a directory, not a .txt or .csv file")
     if not path.is_file():
         raise DataError(f"prompt file {source!r} not found")
     try:

@@ -25,14 +25,14 @@ from fastgrpo.checkpoint import (find_checkpoint, list_checkpoints, load_checkpo
                                  save_checkpoint, save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
-from fastgrpo.errors import NonFiniteError
+from fastgrpo.errors import NonFiniteError, TrainingInterrupted
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
 from fastgrpo.grpo import LossSettings, UpdatePlan, epoch_advantages, plan_update, policy_update, shard_plan
 from fastgrpo.metrics import MetricsWriter, save_image_grid
 from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, load_diffusion_models,
-                             select_trainable)
+                             note_truncated_prompts, select_trainable)
 from fastgrpo.prompts import PromptMixer, load_prompts
 from fastgrpo.reward import SteeringReward, load_steering_reward
 from fastgrpo.rng import generator
@@ -114,6 +114,8 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                                                  "fp16": torch.float16}[precision])
     configure_unet(models.unet, attention=config.engine.attention,
                    gradient_checkpointing=config.engine.gradient_checkpointing)
+    if world_size == 1 or torch.distributed.get_rank() == 0:
+        note_truncated_prompts(models, mixer.safe + mixer.unsafe)
     reward = load_steering_reward(config.reward, device, dtype=models.vae.dtype)
     ref_unet = None
     if config.lora.rank > 0:
@@ -292,7 +294,12 @@ def train(config: Config) -> Path:
     run = config.run
     with claim_run_dir(run.output_dir, resume=run.resume, overwrite=run.overwrite,
                        main_process=os.environ.get("RANK", "0") == "0"):
-        return _train(config)
+        try:
+            return _train(config)
+        except KeyboardInterrupt:
+            saved = list_checkpoints(run.output_dir)
+            raise TrainingInterrupted(f"the newest checkpoint is {saved[-1][1]} (resume with run.resume=latest)"
+                                      if saved else "no checkpoint had been saved yet") from None
 
 
 def _train(config: Config) -> Path:
@@ -318,7 +325,7 @@ def _train(config: Config) -> Path:
                 raise NonFiniteError(f"epoch {epoch}: {error}; stopped before saving ({kept}; a lower "
                                      "train.learning_rate may help)") from None
             progress.set_postfix(reward=f"{record['reward_mean']:.4f}", step=global_step)
-            if epoch == start_epoch:
+            if epoch == 0:  # once per run (a resumed run keeps the first run's lines); every rank takes part
                 log_memory(session, epoch, global_step, writer)
             if (epoch + 1) % config.run.save_every == 0 or epoch + 1 == config.run.epochs:
                 state = {"global_step": global_step, "config": config_to_dict(config)}

@@ -222,7 +222,7 @@ def training_lines(output_dir):
 
     lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     timing = ("rollout_s", "reward_s", "train_s")
-    return [{k: v for k, v in line.items() if k not in timing} for line in lines if "rank" not in line]
+    return [{k: v for k, v in line.items() if k not in timing} for line in lines]
 
 
 @pytest.mark.slow
@@ -289,3 +289,51 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_checkpoint(
     output_dir = output_dir_of(tiny_overrides)
     assert [epoch for epoch, _ in list_checkpoints(output_dir)] == [0]
     assert not [p.name for p in (output_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------ one-line errors
+
+
+def test_a_corrupt_model_index_is_one_line(tiny_overrides, tiny_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken-pipeline"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", ', encoding="utf-8")
+    assert main(["train", "--config", "smoke", *tiny_overrides, f"model.pretrained={broken}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "model_index.json is not valid JSON" in error[0], error
+
+
+def test_a_directory_given_as_prompt_file_says_so(tiny_overrides, tmp_path, capsys):
+    assert main(["train", "--config", "smoke", *tiny_overrides, f"data.safe_prompts={tmp_path}"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is a directory" in error[0], error
+
+
+def test_prompts_past_the_token_limit_are_noted(tiny_overrides, tmp_path, capsys):
+    long = tmp_path / "long.txt"
+    long.write_text("a red apple\n" + "a very " * 60 + "long prompt\n", encoding="utf-8")
+    assert main(["train", "--config", "smoke", *tiny_overrides, f"data.safe_prompts={long}", "run.epochs=1"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "truncated" in line]
+    assert len(notes) == 1 and "1 of 5 prompts are longer than the text encoder's 77 tokens" in notes[0], notes
+
+
+@pytest.mark.parametrize("saved_first", [False, True])
+def test_ctrl_c_says_which_checkpoint_a_resume_starts_from(tiny_overrides, monkeypatch, capsys, saved_first):
+    import fastgrpo.train as train_module
+
+    real_run_epoch, calls = train_module.run_epoch, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (2 if saved_first else 1):
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", interrupted)
+    assert main(["train", "--config", "smoke", *tiny_overrides, "run.save_every=1"]) == 130
+    error = capsys.readouterr().err.strip().splitlines()
+    expected = "the newest checkpoint is" if saved_first else "no checkpoint had been saved yet"
+    assert len(error) == 1 and expected in error[0], error
+    assert not (output_dir_of(tiny_overrides) / ".fastgrpo.lock").exists()
