@@ -225,35 +225,57 @@ def training_lines(output_dir):
     return [{k: v for k, v in line.items() if k not in timing} for line in lines]
 
 
-@pytest.mark.slow
-def test_resume_after_a_kill_mid_epoch_is_bitwise_equal_to_the_uninterrupted_run(tmp_path):
-    """kill -9 while epoch 2 trains (after its first optimiser step), then run.resume=latest: the last checkpoint's
-    weights and every logged value equal those of a run that was never interrupted (CPU)."""
+def _epoch_lines(output_dir):
     import json
+
+    metrics = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+KILL_MOMENTS = {  # when to kill -9, judged from what the run has written so far
+    "rollout": lambda out: any("rollout_s" in r and r["epoch"] == 1 for r in _epoch_lines(out))
+    and (out / "checkpoints" / "epoch_1" / STATE_FILE).exists(),
+    "training": lambda out: any("loss" in r and r["epoch"] == 2 for r in _epoch_lines(out)),
+    "saving": lambda out: (out / "checkpoints" / ".epoch_1.partial").exists(),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(run_args(output_dir)) == 0
+    return output_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
+def test_resume_after_kill_9_is_bitwise_equal_to_the_uninterrupted_run(uninterrupted, tmp_path, moment):
+    """kill -9 at a chosen moment (epoch 2's rollout, epoch 2's training after its first optimiser step, or in the
+    middle of writing checkpoint 1), then run.resume=latest: the last checkpoint's weights and every logged value
+    equal those of a run that was never interrupted (CPU)."""
     import signal
     import subprocess
     import sys
     import time
 
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert main(run_args(straight)) == 0
+    killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "fastgrpo.cli", *run_args(killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics, deadline = killed / "metrics.jsonl", time.time() + 600
+    deadline = time.time() + 600
     while process.poll() is None and time.time() < deadline:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if any('"loss"' in line and json.loads(line)["epoch"] == 2 for line in lines):
+        if KILL_MOMENTS[moment](killed):
             process.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.01)
-    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
-    assert final_weights(killed)[0] == 1  # epoch 2 was cut short: its checkpoint does not exist
+        time.sleep(0.005)
+    assert process.wait(timeout=60) == -signal.SIGKILL, f"the run ended before it could be killed ({moment})"
+    assert final_weights(killed)[0] < 3  # the run was cut short
     assert main(run_args(killed, "run.resume=latest")) == 0
-    (epoch_a, a), (epoch_b, b) = final_weights(straight), final_weights(killed)
+    (epoch_a, a), (epoch_b, b) = final_weights(uninterrupted), final_weights(killed)
     assert epoch_a == epoch_b == 3 and a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, f"{len(differing)} of {len(a)} UNet tensors differ after resuming"
-    assert training_lines(straight) == training_lines(killed)
+    assert training_lines(uninterrupted) == training_lines(killed)
+    assert not [p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
