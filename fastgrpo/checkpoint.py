@@ -166,6 +166,70 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
+# What DeepSpeed's own checkpoint files may name (DeepSpeed loads them with torch.load(weights_only=False), which would
+# run any function a hostile file names): tensor rebuilders, storages, sizes, dtypes, OrderedDict, DeepSpeed's classes.
+_SAFE_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
+                 ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                 ("torch._utils", "_rebuild_tensor"), ("torch._tensor", "_rebuild_from_type_v2"),
+                 ("torch.nn.parameter", "Parameter"), ("copyreg", "_reconstructor"), ("builtins", "object"),
+                 ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+
+def pickle_globals(file: Path) -> set[tuple[str, str]]:
+    """(module, name) of every global a torch file's pickle refers to, read without unpickling anything."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(file):
+        with zipfile.ZipFile(file) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    else:
+        data = file.read_bytes()
+    found, strings, memo = set(), [], {}
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            strings.append(argument)
+        elif opcode.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+            memo[argument] = strings[-1]
+        elif opcode.name == "MEMOIZE" and strings:
+            memo[len(memo)] = strings[-1]
+        elif opcode.name in ("BINGET", "LONG_BINGET", "GET") and argument in memo:
+            strings.append(memo[argument])
+        elif opcode.name == "GLOBAL":
+            found.add(tuple(argument.split(" ", 1)))
+        elif opcode.name == "STACK_GLOBAL":
+            found.add(tuple(strings[-2:]) if len(strings) >= 2 else ("?", "?"))
+    return found
+
+
+def _is_safe_global(module: str, name: str) -> bool:
+    if (module, name) in _SAFE_GLOBALS:
+        return True
+    if module == "torch":
+        return name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
+    if module.startswith("deepspeed."):  # DeepSpeed's own data classes and enums, never its functions
+        import importlib
+        try:
+            value = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return False
+        return isinstance(value, type) and value.__module__.startswith("deepspeed.")  # not e.g. an imported Popen
+    return False
+
+
+def check_deepspeed_state(path: Path) -> None:
+    """Refuse a checkpoint whose DeepSpeed files name anything but tensors, containers and DeepSpeed's classes."""
+    for file in sorted((path / "deepspeed").rglob("*.pt")):
+        try:
+            named = pickle_globals(file)
+        except Exception as error:  # noqa: BLE001 - a damaged file: one line
+            raise FastGRPOError(f"run.resume: {file} is damaged ({type(error).__name__})") from None
+        unsafe = sorted(f"{module}.{name}" for module, name in named if not _is_safe_global(module, name))
+        if unsafe:
+            raise FastGRPOError(f"run.resume: {file} refers to {', '.join(unsafe[:3])}, which a DeepSpeed checkpoint "
+                                "never does; refused without loading it")
+
+
 def load_checkpoint(path: Path, engine, load_model=load_unet, state: dict | None = None) -> dict:
     """Restore weights, optimiser and schedule through the engine; returns the trainer state (RNG states restored).
     load_model(unet, directory) reads the model part back (single process; DeepSpeed has its own copy). `state`:

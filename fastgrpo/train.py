@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from fastgrpo.allocator import keep_freed_memory
-from fastgrpo.checkpoint import (find_checkpoint, list_checkpoints, load_checkpoint, load_unet, read_trainer_state,
-                                 save_checkpoint, save_unet)
+from fastgrpo.checkpoint import (check_deepspeed_state, find_checkpoint, list_checkpoints, load_checkpoint, load_unet,
+                                 read_trainer_state, save_checkpoint, save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
 from fastgrpo.errors import NonFiniteError, TrainingInterrupted
@@ -98,6 +98,8 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     output_dir = Path(run.output_dir)
     checkpoint = find_checkpoint(output_dir, run.resume) if run.resume else None
     saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None  # fails before models load
+    if checkpoint is not None and config.engine.deepspeed is not None:
+        check_deepspeed_state(checkpoint)
     mixer = PromptMixer(load_prompts(data.safe_prompts, data.safe_column),
                         load_prompts(data.unsafe_prompts, data.unsafe_column),
                         data.unsafe_fraction, config.sample.prompts_per_epoch, run.seed)

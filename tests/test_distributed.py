@@ -169,3 +169,14 @@ def test_bf16_zero2_keeps_the_first_step_on_policy(runs):
     memory = [r for r in records(runs["bf16"]) if "rank" in r]
     fp32 = [r for r in records(runs["zero2"]) if "rank" in r]
     assert all(m["param_bytes"] * 2 == f["param_bytes"] for m, f in zip(memory, fp32))  # bf16 module weights
+
+
+def test_real_deepspeed_checkpoints_pass_the_safety_scan(runs):
+    """Every file DeepSpeed wrote (ZeRO-2, ZeRO-3, bf16) names only what the scan before a resume allows."""
+    from fastgrpo.checkpoint import check_deepspeed_state, pickle_globals
+
+    for name in ("zero2", "zero3", "bf16"):
+        for _, checkpoint in list_checkpoints(runs[name]):
+            files = list((checkpoint / "deepspeed").rglob("*.pt"))
+            assert files and all(pickle_globals(f) for f in files)
+            check_deepspeed_state(checkpoint)

@@ -46,6 +46,26 @@ def test_resuming_a_hostile_checkpoint_runs_nothing(tiny_overrides, tmp_path, ca
     assert STATE_FILE in error and "refused" in error
 
 
+@pytest.mark.parametrize("global_name", ["os.system", "deepspeed.launcher.runner.defaultdict"])
+def test_a_deepspeed_checkpoint_naming_a_function_is_refused(tiny_overrides, tmp_path, capsys, global_name):
+    """DeepSpeed loads its own files with weights_only=False: they are scanned (never unpickled) first. DeepSpeed's
+    own classes pass; a function, or a class that a DeepSpeed module merely imports, does not."""
+    marker = tmp_path / "code-ran"
+    checkpoint = tmp_path / "checkpoints" / "epoch_0"
+    (checkpoint / "unet").mkdir(parents=True)
+    torch.save({"epoch": 0, "global_step": 1, "engine": {}, "rng": {}}, checkpoint / STATE_FILE)
+    (checkpoint / "deepspeed" / "state").mkdir(parents=True)
+    target = checkpoint / "deepspeed" / "state" / "zero_pp_rank_0_optim.pt"
+    if global_name == "os.system":
+        torch.save({"optimizer_state_dict": RunsCode(marker)}, target)
+    else:  # a raw pickle naming collections.defaultdict through the DeepSpeed module that imports it
+        target.write_bytes(b"\x80\x02cdeepspeed.launcher.runner\ndefaultdict\nq\x00.")
+    code = main(["train", "--config", "smoke", *tiny_overrides, "engine.deepspeed=zero2", f"run.resume={checkpoint}"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert code == 2 and len(error) == 1 and "refused without loading it" in error[0], error
+
+
 def test_a_damaged_trainer_state_is_one_line(tiny_overrides, tmp_path, capsys):
     checkpoint = tmp_path / "checkpoints" / "epoch_3"
     (checkpoint / "unet").mkdir(parents=True)
