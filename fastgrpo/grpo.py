@@ -33,6 +33,22 @@ def epoch_advantages(rewards: torch.Tensor, group_size: int, *, std: str, clip: 
     return advantages, keep
 
 
+def group_kind_stats(rewards: torch.Tensor, advantages: torch.Tensor, is_unsafe: torch.Tensor,
+                     group_size: int) -> dict[str, float | None]:
+    """Per kind of group (safe / unsafe prompts): the mean within-group reward std and the mean |advantage|, which
+    show whether group normalisation blows tiny reward differences up into unit-size updates. rewards, advantages,
+    is_unsafe: (N,) in consecutive groups."""
+    group_std = rewards.view(-1, group_size).std(dim=1)                                  # (N / G,)
+    group_unsafe = is_unsafe.view(-1, group_size)[:, 0]
+    stats = {}
+    for kind, groups in (("safe", ~group_unsafe), ("unsafe", group_unsafe)):
+        present = bool(groups.any())
+        samples = groups.repeat_interleave(group_size)
+        stats[f"reward_group_std_{kind}"] = float(group_std[groups].mean()) if present else None
+        stats[f"advantage_abs_{kind}"] = float(advantages[samples].abs().mean()) if present else None
+    return stats
+
+
 @dataclass
 class UpdatePlan:
     order: torch.Tensor  # (M,) sample indices in training order

@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,7 +30,8 @@ from fastgrpo.errors import NonFiniteError, TrainingInterrupted
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
-from fastgrpo.grpo import LossSettings, UpdatePlan, epoch_advantages, plan_update, policy_update, shard_plan
+from fastgrpo.grpo import (LossSettings, UpdatePlan, epoch_advantages, group_kind_stats, plan_update, policy_update,
+                           shard_plan)
 from fastgrpo.metrics import MetricsWriter, save_image_grid
 from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, load_diffusion_models,
                              note_truncated_prompts, select_trainable)
@@ -55,6 +57,7 @@ class Session:
     rollout: RolloutSettings
     uncond_embed: torch.Tensor  # (1, L, D)
     output_dir: Path
+    judge: Callable | None = None  # (images, prompts, is_unsafe) -> judged rates, for toy-world runs
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -140,8 +143,16 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                           autocast),
         rollout=RolloutSettings(models.latent_shape(sample.resolution), sample.group_size, sample.batch_size,
                                 sample.same_noise_per_group, run.seed),
-        uncond_embed=encode_prompts(models, [""]), output_dir=output_dir)
+        uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, judge=_toyworld_judge(config))
     return session, start_epoch, global_step
+
+
+def _toyworld_judge(config: Config):
+    """The toy world's pixel judge for the epoch lines, when the run trains the toy-world model."""
+    if config.model.pretrained != "builtin:toyworld":
+        return None
+    from fastgrpo.toyworld.monitor import judge_epoch
+    return judge_epoch
 
 
 def _sync(device: torch.device) -> None:
@@ -257,7 +268,11 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, i
     record = {"epoch": epoch, "step": global_step, "reward_mean": float(rewards.mean()),
               "reward_std": float(rewards.std()), "reward_mean_safe": _mean_where(rewards, ~batch.is_unsafe),
               "reward_mean_unsafe": _mean_where(rewards, batch.is_unsafe), "num_samples": int(rewards.shape[0]),
-              "num_trained_samples": int(keep.sum()), "rollout_s": t1 - t0, "reward_s": t2 - t1, "train_s": t3 - t2}
+              "num_trained_samples": int(keep.sum()), "rollout_s": t1 - t0, "reward_s": t2 - t1, "train_s": t3 - t2,
+              **group_kind_stats(rewards, advantages, batch.is_unsafe, s.config.sample.group_size)}
+    if s.judge is not None:  # toy world: the pixel judge's verdicts on this rank's samples
+        prompts = [batch.prompts[i] for i in batch.sample_prompt[sample_ids].tolist()]
+        record.update(s.judge(trajectories.images, prompts, batch.is_unsafe[sample_ids]))
     writer.log(record, kind="epoch")
     if s.config.run.num_sample_images and s.engine.is_main:
         order = sample_ids.argsort()[:s.config.run.num_sample_images]   # this rank's samples, by global id

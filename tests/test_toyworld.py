@@ -105,3 +105,21 @@ def test_default_config_is_the_toy_world():
     assert config.reward.safe_anchors == prompts.SAFE_ANCHORS
     assert config.reward.unsafe_anchors == prompts.UNSAFE_ANCHORS
     assert load_prompts(config.data.unsafe_prompts) == prompts.TRAIN_UNSAFE
+
+
+def test_epoch_judgement_on_ground_truth_renders():
+    """Renders of exactly what the prompts ask for: all safe ones accurate; unsafe ones unsafe with content kept."""
+    import torch
+
+    from fastgrpo.toyworld.monitor import judge_epoch
+
+    rng = np.random.default_rng(3)
+    scenes = [world.random_scene(rng, colour=c) for c in ("red", "blue", "purple", "purple", "green")]
+    images = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    texts = [f"a {s.size} {s.colour} {s.shape} on a {s.background} background" for s in scenes]
+    is_unsafe = torch.tensor([s.colour == "purple" for s in scenes])
+    assert judge_epoch(images, texts, is_unsafe) == {"judged_safe_accuracy": 1.0, "judged_unsafe_rate": 1.0,
+                                                     "judged_content_kept": 1.0}
+    wrong = texts[:2] + [t.replace("purple", "yellow") for t in texts[2:4]] + ["a big red square"]
+    judged = judge_epoch(images, [t.replace("red", "blue") if i == 0 else t for i, t in enumerate(wrong)], is_unsafe)
+    assert judged["judged_safe_accuracy"] == pytest.approx(1 / 3) and judged["judged_unsafe_rate"] == 1.0

@@ -76,6 +76,12 @@ def test_default_run_and_eval(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert cli.main(["train", "run.epochs=1", "sample.prompts_per_epoch=4", "run.progress=false",
                      "run.tensorboard=false", f"run.output_dir={run_dir}"]) == 0
+    epoch_line = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                  if "rollout_s" in r][0]
+    # the base model's own samples, judged during training (training prompts ask for all four attributes, so
+    # their accuracy runs below the evaluation set's); it draws the unsafe colour when asked
+    assert 0 < epoch_line["judged_safe_accuracy"] <= 1 and epoch_line["judged_unsafe_rate"] >= 0.5
+    assert epoch_line["reward_group_std_safe"] > 0 and epoch_line["advantage_abs_unsafe"] > 0.5
     assert cli.main(["eval", str(run_dir), "--samples-per-prompt", "1"]) == 0
     printed = capsys.readouterr().out
     assert "unsafe rate" in printed and "report written" in printed

@@ -379,3 +379,17 @@ def test_ctrl_c_says_which_checkpoint_a_resume_starts_from(tiny_overrides, monke
     expected = "the newest checkpoint is" if saved_first else "no checkpoint had been saved yet"
     assert len(error) == 1 and expected in error[0], error
     assert not (output_dir_of(tiny_overrides) / ".fastgrpo.lock").exists()
+
+
+def test_group_kind_stats_against_a_hand_computed_case():
+    from fastgrpo.grpo import group_kind_stats
+
+    rewards = torch.tensor([1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.5, 0.5])     # groups of 2: unsafe, unsafe, safe, safe
+    advantages = torch.tensor([0.0, 0.0, -0.7, 0.7, 0.0, 0.0, 0.0, 0.0])
+    is_unsafe = torch.tensor([True] * 4 + [False] * 4)
+    stats = group_kind_stats(rewards, advantages, is_unsafe, 2)
+    assert stats["reward_group_std_unsafe"] == pytest.approx((0 + 2 ** 0.5) / 2)
+    assert stats["advantage_abs_unsafe"] == pytest.approx(0.35) and stats["advantage_abs_safe"] == 0
+    assert stats["reward_group_std_safe"] == 0
+    only_safe = group_kind_stats(rewards[4:], advantages[4:], is_unsafe[4:], 2)
+    assert only_safe["reward_group_std_unsafe"] is None and only_safe["advantage_abs_unsafe"] is None
