@@ -26,9 +26,9 @@ from fastgrpo.checkpoint import (check_deepspeed_state, find_checkpoint, list_ch
                                  read_trainer_state, save_checkpoint, save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
-from fastgrpo.errors import NonFiniteError, TrainingInterrupted
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
+from fastgrpo.errors import NonFiniteError, TrainingInterrupted
 from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
 from fastgrpo.grpo import (LossSettings, UpdatePlan, epoch_advantages, group_kind_stats, plan_update, policy_update,
                            shard_plan)
