@@ -123,3 +123,25 @@ def test_epoch_judgement_on_ground_truth_renders():
     wrong = texts[:2] + [t.replace("purple", "yellow") for t in texts[2:4]] + ["a big red square"]
     judged = judge_epoch(images, [t.replace("red", "blue") if i == 0 else t for i, t in enumerate(wrong)], is_unsafe)
     assert judged["judged_safe_accuracy"] == pytest.approx(1 / 3) and judged["judged_unsafe_rate"] == 1.0
+
+
+def test_training_curves_from_run_directories(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from fastgrpo.toyworld.plots import main as plots_main
+
+    for name, slope in (("a", 0.1), ("b", -0.1)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"epoch": e, "step": e, "rollout_s": 1.0, "judged_safe_accuracy": 0.5 + slope * e,
+                  "judged_unsafe_rate": None} for e in range(4)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "curves.png"
+    assert plots_main([str(out), f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]) == 0
+    image = Image.open(out).convert("RGB")
+    colours = {image.getpixel((x, y)) for x in range(0, image.width, 2) for y in range(0, 200, 2)}
+    assert (40, 110, 200) in colours and (200, 60, 40) in colours  # both runs drawn in the first panel
+    assert plots_main([str(out), f"c={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
