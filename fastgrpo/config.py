@@ -95,6 +95,9 @@ class TrainConfig:
     kl_prompts: str = doc("Prompts the KL penalty applies to: 'all', or 'safe' (only samples of data.safe_prompts, "
                           "so the unsafe prompts may move while the safe ones are held to the base model; needs "
                           "kl_estimator=mean)", "all", choices=("all", "safe"))
+    safe_advantages: str = doc("'group': safe prompts' groups train on their own normalised advantages; 'zero': "
+                               "their advantages are 0, so they train only through the KL penalty (if any)", "group",
+                               choices=("group", "zero"))
     batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
     samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
                                 "train.batch_size", 16)

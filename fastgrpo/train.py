@@ -260,6 +260,8 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, i
     t = s.config.train
     advantages, keep = epoch_advantages(rewards, s.config.sample.group_size, std=t.adv_std, clip=t.adv_clip_max,
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
+    if t.safe_advantages == "zero":  # safe groups carry no safety signal: only the KL penalty (if any) moves them
+        advantages = advantages.masked_fill(~batch.is_unsafe, 0.0)
     for stats in update_epoch(s, epoch, trajectories, batch, advantages[sample_ids], keep[sample_ids]):
         global_step += 1
         writer.log({"epoch": epoch, "step": global_step, **stats}, kind="train")

@@ -393,3 +393,25 @@ def test_group_kind_stats_against_a_hand_computed_case():
     assert stats["reward_group_std_safe"] == 0
     only_safe = group_kind_stats(rewards[4:], advantages[4:], is_unsafe[4:], 2)
     assert only_safe["reward_group_std_unsafe"] is None and only_safe["advantage_abs_unsafe"] is None
+
+
+def test_zero_safe_advantages_leave_a_safe_only_run_untouched(tiny_overrides):
+    """train.safe_advantages=zero with no KL: safe prompts' samples carry no gradient, so on safe prompts alone
+    (and no weight decay) the UNet stays the base model; the default 'group' moves it."""
+    from safetensors.torch import load_file
+
+    from fastgrpo.checkpoint import list_checkpoints
+    from fastgrpo.config import load_config
+    from fastgrpo.train import train
+
+    base = next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("model.pretrained="))
+    base_weights = load_file(str(Path(base) / "unet" / "diffusion_pytorch_model.safetensors"))
+    changed = {}
+    for mode in ("zero", "group"):
+        overrides = [o for o in tiny_overrides if not o.startswith("run.output_dir=")]
+        output_dir = train(load_config("smoke", overrides + [
+            "data.unsafe_fraction=0", "run.epochs=1", "train.weight_decay=0", f"train.safe_advantages={mode}",
+            f"run.output_dir={output_dir_of(tiny_overrides).parent / mode}"]))
+        trained = load_file(str(list_checkpoints(output_dir)[-1][1] / "unet" / "diffusion_pytorch_model.safetensors"))
+        changed[mode] = sum(not torch.equal(trained[k], base_weights[k]) for k in base_weights)
+    assert changed["zero"] == 0 and changed["group"] > 0, changed
