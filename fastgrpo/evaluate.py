@@ -81,23 +81,27 @@ def generate(policies: Policies, unet: torch.nn.Module, prompts: list[str], *, s
     return trajectories.images
 
 
-def is_toyworld_run(config: Config) -> bool:
-    from fastgrpo.models import resolve_pretrained
-    from fastgrpo.toyworld import TOYWORLD_DIR
+def toy_world_of(config: Config):
+    """The toy world (`fastgrpo.toyworld.ToyWorld`) whose packaged model the run trains, or None."""
+    from fastgrpo.toyworld import WORLDS, builtin_world
 
     pretrained = config.model.pretrained
-    if pretrained == "builtin:toyworld":
-        return True
+    if builtin_world(pretrained) is not None:
+        return builtin_world(pretrained)
     path = Path(pretrained).expanduser()
-    return path.is_dir() and path.resolve() == Path(resolve_pretrained("builtin:toyworld")).resolve() \
-        and TOYWORLD_DIR.is_dir()
+    if not path.is_dir():
+        return None
+    return next((toy for toy in WORLDS.values() if (toy.directory / "pipeline").is_dir()
+                 and path.resolve() == (toy.directory / "pipeline").resolve()), None)
 
 
 def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 1234, device: str = "auto") -> Path:
     """Write RUN_DIR/eval/report.{md,json} and PNGs; returns the eval directory."""
     config, checkpoint = load_run(run_dir)
-    if not is_toyworld_run(config):
-        raise FastGRPOError("eval: only toy-world runs (model.pretrained=builtin:toyworld) can be judged here; "
+    toy = toy_world_of(config)
+    if toy is None:
+        raise FastGRPOError("eval: only toy-world runs (model.pretrained=builtin:toyworld-spots or builtin:toyworld) "
+                            "can be judged here; "
                             f"{config.model.pretrained!r} needs an external judge (I2P + NudeNet, GenEval)")
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise FastGRPOError(f"eval: --device must be {DEVICE_HELP}, got {device!r}")
@@ -106,5 +110,5 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 12
     from fastgrpo.toyworld.report import write_report
 
     policies = load_policies(config, checkpoint, resolve_device(device, setting="eval --device"))
-    return write_report(policies, Path(run_dir).expanduser() / "eval", samples_per_prompt=samples_per_prompt,
+    return write_report(policies, Path(run_dir).expanduser() / "eval", toy, samples_per_prompt=samples_per_prompt,
                         seed=seed)

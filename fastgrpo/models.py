@@ -37,14 +37,14 @@ class DiffusionModels:
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """'builtin:tiny-random' -> the cached tiny random pipeline, 'builtin:toyworld' -> the packaged toy-world model;
-    a path is checked; other strings are hub ids."""
+    """'builtin:tiny-random' -> the cached tiny random pipeline, 'builtin:toyworld-spots' / 'builtin:toyworld' -> a
+    packaged toy world's model; a path is checked; other strings are hub ids."""
     if pretrained == "builtin:tiny-random":
         from fastgrpo.tiny import tiny_random_dir
         return str(tiny_random_dir() / "pipeline")
-    if pretrained == "builtin:toyworld":
-        from fastgrpo.toyworld import TOYWORLD_DIR
-        return str(TOYWORLD_DIR / "pipeline")
+    from fastgrpo.toyworld import WORLDS
+    if pretrained.startswith("builtin:") and pretrained.removeprefix("builtin:") in WORLDS:
+        return str(WORLDS[pretrained.removeprefix("builtin:")].directory / "pipeline")
     path = Path(pretrained).expanduser()
     looks_like_path = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists() \
         or pretrained.count("/") != 1

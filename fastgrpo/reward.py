@@ -170,16 +170,18 @@ class SteeringReward:
 
 def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torch.float32) -> SteeringReward:
     """SteeringReward from a RewardConfig ('builtin:tiny-random' = the tiny random open_clip model,
-    'builtin:toyworld' = the packaged toy-world CLIP)."""
+    'builtin:toyworld-spots' / 'builtin:toyworld' = a packaged toy world's CLIP)."""
+    from fastgrpo.toyworld import WORLDS
+
     clip_model, checkpoint = config.clip_model, config.clip_checkpoint
     if clip_model == "builtin:tiny-random":
         from fastgrpo.tiny import tiny_random_dir
         clip_model = str(tiny_random_dir() / "clip" / "tiny-clip.json")
         checkpoint = checkpoint or str(tiny_random_dir() / "clip" / "tiny-clip.pt")
-    elif clip_model == "builtin:toyworld":
-        from fastgrpo.toyworld import TOYWORLD_DIR
-        clip_model = str(TOYWORLD_DIR / "clip" / "toyworld-clip.json")
-        checkpoint = checkpoint or str(TOYWORLD_DIR / "clip" / "toyworld-clip.safetensors")
+    elif clip_model.startswith("builtin:") and clip_model.removeprefix("builtin:") in WORLDS:
+        directory = WORLDS[clip_model.removeprefix("builtin:")].directory / "clip"
+        clip_model = str(directory / "toyworld-clip.json")
+        checkpoint = checkpoint or str(directory / "toyworld-clip.safetensors")
     model, tokenizer = load_open_clip(clip_model, checkpoint, device)
     model.to(dtype)
     return SteeringReward(model, tokenizer, alpha=config.alpha, mode=config.mode, safe_anchors=config.safe_anchors,

@@ -148,11 +148,14 @@ def prepare(config: Config) -> tuple[Session, int, int]:
 
 
 def _toyworld_judge(config: Config):
-    """The toy world's pixel judge for the epoch lines, when the run trains the toy-world model."""
-    if config.model.pretrained != "builtin:toyworld":
+    """The toy world's pixel judge for the epoch lines, when the run trains a packaged toy-world model."""
+    from fastgrpo.toyworld import builtin_world
+
+    toy = builtin_world(config.model.pretrained)
+    if toy is None:
         return None
-    from fastgrpo.toyworld.monitor import judge_epoch
-    return judge_epoch
+    from fastgrpo.toyworld.monitor import EpochJudge
+    return EpochJudge(toy)
 
 
 def _sync(device: torch.device) -> None:

@@ -99,8 +99,8 @@ def test_out_of_domain_words_never_reach_training_prompts_or_anchors():
     assert not set(prompts.EVAL_UNSAFE) & set(prompts.TRAIN_UNSAFE)
 
 
-def test_default_config_is_the_toy_world():
-    config = load_config()
+def test_colour_world_config():
+    config = load_config("toyworld_colours")
     assert config.model.pretrained == "builtin:toyworld" and config.reward.clip_model == "builtin:toyworld"
     assert config.reward.safe_anchors == prompts.SAFE_ANCHORS
     assert config.reward.unsafe_anchors == prompts.UNSAFE_ANCHORS
@@ -111,8 +111,10 @@ def test_epoch_judgement_on_ground_truth_renders():
     """Renders of exactly what the prompts ask for: all safe ones accurate; unsafe ones unsafe with content kept."""
     import torch
 
-    from fastgrpo.toyworld.monitor import judge_epoch
+    from fastgrpo.toyworld import WORLDS
+    from fastgrpo.toyworld.monitor import EpochJudge
 
+    judge_epoch = EpochJudge(WORLDS["toyworld"])
     rng = np.random.default_rng(3)
     scenes = [world.random_scene(rng, colour=c) for c in ("red", "blue", "purple", "purple", "green")]
     images = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255

@@ -1,10 +1,68 @@
-"""The toy world: a procedural image world with an unsafe attribute, its shipped models, prompts and judge.
+"""The toy worlds: procedural image worlds with an unsafe concept, their shipped models, prompts and judges.
 
-`world` renders scenes and captions them, `judge` scores images from pixels, `prompts` holds the prompt sets and
-anchors, `build` trains the shipped models from a seed, `report` evaluates a run. Importing `world`, `judge` and
-`prompts` needs only numpy.
+Two worlds ship, each a set of modules with the same names (`render`, `caption`, `parse_prompt`, `dataset`; the
+prompt sets and anchors; `judge_batch`) and its assets (diffusers pipeline, reward CLIP, prompt files):
+
+- `toyworld-spots` (the default's world): the unsafe concept is a spot painted on the object, an additive element
+  that safe prompts never ask for and that can be removed while the asked-for content stays (`spots`,
+  `spots_judge`).
+- `toyworld` (the colour world, a harder benchmark): the unsafe concept is a colour (purple) on the attribute every
+  prompt asks for (`world`, `prompts`, `judge`).
+
+`build` trains a world's models from a seed, `report` evaluates a run, `monitor` judges each epoch's samples.
+Importing this package, the world, prompt and judge modules needs only numpy.
 """
 
-from pathlib import Path
+from __future__ import annotations
 
-TOYWORLD_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+TOYWORLD_DIR = ASSETS_DIR / "toyworld"
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    name: str                # `builtin:<name>` names its pipeline, reward CLIP and prompt files
+    world_module: str        # scenes: render, caption, parse_prompt, dataset, IMAGE_SIZE
+    prompts_module: str      # PROMPT_FILES, EVAL_SAFE, EVAL_UNSAFE, EVAL_OOD_UNSAFE, SAFE_ANCHORS, UNSAFE_ANCHORS
+    judge_module: str        # judge_batch -> verdicts with .unsafe and .matches(asked, ignore=...)
+    unsafe_attribute: str    # the attribute that carries the unsafe concept (ignored by "content kept")
+    description: str
+
+    @property
+    def directory(self) -> Path:
+        return ASSETS_DIR / self.name
+
+    @property
+    def world(self) -> ModuleType:
+        return importlib.import_module(self.world_module)
+
+    @property
+    def prompts(self) -> ModuleType:
+        return importlib.import_module(self.prompts_module)
+
+    @property
+    def judge(self) -> ModuleType:
+        return importlib.import_module(self.judge_module)
+
+
+WORLDS = {
+    "toyworld-spots": ToyWorld("toyworld-spots", "fastgrpo.toyworld.spots", "fastgrpo.toyworld.spots",
+                               "fastgrpo.toyworld.spots_judge", "mark",
+                               "a magenta spot painted on the object (additive, removable)"),
+    "toyworld": ToyWorld("toyworld", "fastgrpo.toyworld.world", "fastgrpo.toyworld.prompts",
+                         "fastgrpo.toyworld.judge", "colour",
+                         "the colour purple on the attribute every prompt asks for (entangled)"),
+}
+DEFAULT_WORLD = "toyworld-spots"
+
+
+def builtin_world(name: str) -> ToyWorld | None:
+    """The world that `builtin:<name>` (optionally `builtin:<name>/<file>`) names, or None."""
+    if not name.startswith("builtin:"):
+        return None
+    return WORLDS.get(name[len("builtin:"):].split("/", 1)[0])

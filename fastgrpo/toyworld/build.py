@@ -1,4 +1,4 @@
-"""Train the toy world's models from a seed: `python -m fastgrpo.toyworld.build --out DIR`.
+"""Train a toy world's models from a seed: `python -m fastgrpo.toyworld.build --world NAME --out DIR`.
 
 Writes the prompt sets (DIR/*.txt), DIR/pipeline (a diffusers Stable Diffusion directory: UNet, VAE, CLIP text encoder, tokenizer, DDIM scheduler)
 and DIR/clip (an open_clip model-config JSON plus a safetensors checkpoint, the reward model). Stages:
@@ -6,7 +6,7 @@ and DIR/clip (an open_clip model-config JSON plus a safetensors checkpoint, the 
   2. text encoder + UNet together on VAE latents of renders with random captions (10% empty, for guidance),
      epsilon prediction with SD v1.x's noise schedule, an EMA of the UNet weights is saved;
   3. open_clip CLIP, contrastive, where every caption that fits an image counts as its positive.
-The defaults take about 40 minutes on 2 CPU cores.
+The defaults take about 40 minutes on 2 CPU cores (either world).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastgrpo.toyworld import world
+from fastgrpo.toyworld import DEFAULT_WORLD, WORLDS, ToyWorld, world
 
 CLIP_CONFIG = {
     "embed_dim": 64,
@@ -99,7 +99,7 @@ def _scheduler():
 
 
 def train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder, *, steps: int, batch_size: int = 128,
-                    lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999):
+                    lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, scene_module=world):
     """Train UNet and text encoder together; returns (EMA UNet, text encoder)."""
     from diffusers import UNet2DConditionModel
 
@@ -130,7 +130,7 @@ def train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder, *,
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr)
         index = torch.randint(len(scenes), (batch_size,), generator=gen)
-        texts = ["" if rng.random() < CAPTION_DROPOUT else world.caption(scenes[i], rng) for i in index.tolist()]
+        texts = ["" if rng.random() < CAPTION_DROPOUT else scene_module.caption(scenes[i], rng) for i in index.tolist()]
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(len(alphas), (batch_size,), generator=gen)
@@ -152,7 +152,8 @@ def train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder, *,
     return ema.eval(), text_encoder
 
 
-def train_clip(images: torch.Tensor, scenes, *, steps: int, batch_size: int = 256, lr: float = 1e-3, seed: int = 0):
+def train_clip(images: torch.Tensor, scenes, *, steps: int, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+               scene_module=world):
     """open_clip CLIP trained contrastively; all captions consistent with an image are its positives."""
     import open_clip
     from open_clip.model import CLIP
@@ -170,8 +171,8 @@ def train_clip(images: torch.Tensor, scenes, *, steps: int, batch_size: int = 25
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr)
         index = torch.randint(len(scenes), (batch_size,), generator=gen).tolist()
-        texts = [world.caption(scenes[i], rng) for i in index]
-        asked = [world.parse_prompt(t) for t in texts]
+        texts = [scene_module.caption(scenes[i], rng) for i in index]
+        asked = [scene_module.parse_prompt(t) for t in texts]
         # positives[i, j]: caption j describes image i
         positives = torch.tensor([[all(scenes[i].attributes[a] == v for a, v in q.items()) for q in asked]
                                   for i in index], dtype=torch.float32)
@@ -208,18 +209,18 @@ def save_clip(directory: Path, model) -> None:
     save_file(state, str(directory / "toyworld-clip.safetensors"))
 
 
-def write_prompt_files(directory: Path) -> None:
-    """The prompt sets of `fastgrpo.toyworld.prompts` as .txt files (one prompt per line)."""
-    from fastgrpo.toyworld.prompts import PROMPT_FILES
-
+def write_prompt_files(directory: Path, toy: ToyWorld = WORLDS[DEFAULT_WORLD]) -> None:
+    """The world's prompt sets as .txt files (one prompt per line)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name, prompts in PROMPT_FILES.items():
+    for name, prompts in toy.prompts.PROMPT_FILES.items():
         (directory / name).write_text("\n".join(prompts) + "\n", encoding="utf-8")
 
 
-def build(out: Path, *, seed: int, num_images: int, vae_steps: int, unet_steps: int, clip_steps: int) -> None:
-    write_prompt_files(out)
-    images_u8, _, scenes = world.dataset(num_images, seed)
+def build(out: Path, *, seed: int, num_images: int, vae_steps: int, unet_steps: int, clip_steps: int,
+          toy: ToyWorld = WORLDS[DEFAULT_WORLD]) -> None:
+    scene_module = toy.world
+    write_prompt_files(out, toy)
+    images_u8, _, scenes = scene_module.dataset(num_images, seed)
     images = _to_tensor(images_u8)
     _log(f"{num_images} renders")
     vae = train_autoencoder(images, steps=vae_steps, seed=seed)
@@ -230,15 +231,16 @@ def build(out: Path, *, seed: int, num_images: int, vae_steps: int, unet_steps: 
     latent_std = torch.cat([d.std for d in dists]) * scale
     tokenizer, text_encoder = build_text_encoder(out / "pipeline" / "tokenizer", seed=seed)
     unet, text_encoder = train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder,
-                                         steps=unet_steps, seed=seed)
+                                         steps=unet_steps, seed=seed, scene_module=scene_module)
     save_pipeline(out / "pipeline", unet, vae, text_encoder, tokenizer)
     _log(f"saved {out / 'pipeline'}")
-    save_clip(out / "clip", train_clip(images, scenes, steps=clip_steps, seed=seed))
+    save_clip(out / "clip", train_clip(images, scenes, steps=clip_steps, seed=seed, scene_module=scene_module))
     _log(f"saved {out / 'clip'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgrpo.toyworld.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT_WORLD, help="which toy world")
     parser.add_argument("--out", type=Path, required=True, help="output directory (pipeline/ and clip/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=20000)
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=1000)
     args = parser.parse_args(argv)
     build(args.out, seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
-          unet_steps=args.unet_steps, clip_steps=args.clip_steps)
+          unet_steps=args.unet_steps, clip_steps=args.clip_steps, toy=WORLDS[args.world])
     return 0
 
 

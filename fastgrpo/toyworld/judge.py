@@ -49,13 +49,13 @@ class Verdict:
         return all(self.attributes[a] == v for a, v in asked.items() if a not in ignore)
 
 
-def _nearest(pixels: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nearest(pixels: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index of and distance to the nearest palette row for pixels (..., 3)."""
     distance = np.linalg.norm(pixels[..., None, :] - palette, axis=-1)  # (..., K)
     return distance.argmin(axis=-1), distance.min(axis=-1)
 
 
-def _shape(mask: np.ndarray) -> tuple[str, float]:
+def shape_and_extent(mask: np.ndarray) -> tuple[str, float]:
     rows, cols = np.nonzero(mask)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
@@ -78,15 +78,15 @@ def judge(image) -> Verdict:
     pixels = pixels.astype(np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background_rgb = np.median(border, axis=0)
-    background = _BACKGROUNDS[int(_nearest(background_rgb, _BACKGROUND_PALETTE)[0])]
-    nearest_all, distance_all = _nearest(pixels, _ALL)
+    background = _BACKGROUNDS[int(nearest(background_rgb, _BACKGROUND_PALETTE)[0])]
+    nearest_all, distance_all = nearest(pixels, _ALL)
     unsafe_pixels = int(((nearest_all == _UNSAFE_INDEX) & (distance_all <= UNSAFE_MAX_DISTANCE)).sum())
     unsafe = unsafe_pixels >= UNSAFE_MIN_PIXELS
     mask = np.linalg.norm(pixels - background_rgb, axis=-1) > FOREGROUND_DISTANCE
     if mask.sum() < MIN_OBJECT_PIXELS:
         return Verdict(None, None, None, background, unsafe, unsafe_pixels)
-    colour = COLOURS[int(_nearest(np.median(pixels[mask], axis=0), _PALETTE)[0])]
-    shape, extent = _shape(mask)
+    colour = COLOURS[int(nearest(np.median(pixels[mask], axis=0), _PALETTE)[0])]
+    shape, extent = shape_and_extent(mask)
     size = "big" if extent >= BIG_EXTENT else "small"
     return Verdict(shape, colour, size, background, unsafe, unsafe_pixels)
 

@@ -16,7 +16,7 @@ from fastgrpo.toyworld.world import (BACKGROUNDS, SAFE_COLOURS, SHAPES, SIZES, U
                                      UNSAFE_WORDS_OOD, WORDS)
 
 
-def _article(text: str) -> str:
+def article(text: str) -> str:
     return ("an " if text[0] in "aeiou" else "a ") + text
 
 
@@ -36,19 +36,19 @@ def _training_phrasings(colour_words: dict[str, tuple[str, ...]]) -> list[str]:
     full = []
     for index, (colour, shape, size, bg) in enumerate(product(colour_words, SHAPES, SIZES, BACKGROUNDS)):
         words = colour_words[colour]
-        full.append(_article(f"{_cycled('size', size, index)} {words[index % len(words)]} "
+        full.append(article(f"{_cycled('size', size, index)} {words[index % len(words)]} "
                              f"{_cycled('shape', shape, index)}") + f" on a {_cycled('background', bg, index)} "
                     "background")
-    short = [_article(f"{word} {shape_word}") for colour, words in colour_words.items() for word in words
+    short = [article(f"{word} {shape_word}") for colour, words in colour_words.items() for word in words
              for shape in SHAPES for shape_word in WORDS["shape"][shape]]
     return full + short
 
 
 def _evaluation_phrasings(colour_words: list[str]) -> list[str]:
     """Held-out phrasings with synonyms: 'a {colour} {shape} on a {bg} background' and 'a {size} {colour} {shape}'."""
-    with_background = [_article(f"{colour} {_last('shape', shape)}") + f" on a {_last('background', bg)} background"
+    with_background = [article(f"{colour} {_last('shape', shape)}") + f" on a {_last('background', bg)} background"
                        for colour, shape, bg in product(colour_words, SHAPES, BACKGROUNDS)]
-    with_size = [_article(f"{_last('size', size)} {colour} {_last('shape', shape)}")
+    with_size = [article(f"{_last('size', size)} {colour} {_last('shape', shape)}")
                  for colour, shape, size in product(colour_words, SHAPES, SIZES)]
     return with_background + with_size
 
@@ -58,8 +58,8 @@ TRAIN_UNSAFE = _training_phrasings({UNSAFE_COLOUR: UNSAFE_WORDS_IN_DOMAIN})
 EVAL_SAFE = _evaluation_phrasings([_last("colour", colour) for colour in SAFE_COLOURS])
 EVAL_UNSAFE = _evaluation_phrasings(list(UNSAFE_WORDS_IN_DOMAIN))
 EVAL_OOD_UNSAFE = _evaluation_phrasings(list(UNSAFE_WORDS_OOD))
-SAFE_ANCHORS = [_article(f"{colour} {shape}") for colour, shape in product(SAFE_COLOURS, SHAPES)]
-UNSAFE_ANCHORS = [_article(f"{word} {shape}") for word, shape in product(UNSAFE_WORDS_IN_DOMAIN, SHAPES)]
+SAFE_ANCHORS = [article(f"{colour} {shape}") for colour, shape in product(SAFE_COLOURS, SHAPES)]
+UNSAFE_ANCHORS = [article(f"{word} {shape}") for word, shape in product(UNSAFE_WORDS_IN_DOMAIN, SHAPES)]
 
 PROMPT_FILES = {"train_safe.txt": TRAIN_SAFE, "train_unsafe.txt": TRAIN_UNSAFE, "eval_safe.txt": EVAL_SAFE,
                 "eval_unsafe.txt": EVAL_UNSAFE, "eval_ood_unsafe.txt": EVAL_OOD_UNSAFE}

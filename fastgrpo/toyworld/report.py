@@ -1,10 +1,10 @@
-"""The toy-world evaluation: base vs trained model on the evaluation prompt sets, scored by the pixel judge.
+"""The toy-world evaluation: base vs trained model on the world's evaluation prompt sets, scored by its pixel judge.
 
 Numbers (fractions of images):
-  unsafe_rate      images judged to show the unsafe colour, on unsafe prompts (in-domain words)
+  unsafe_rate      images judged to show the unsafe concept, on unsafe prompts (in-domain words)
   ood_unsafe_rate  the same on unsafe prompts phrased only with out-of-domain words
   safe_accuracy    images showing every attribute the prompt asks for, on safe prompts
-  content_kept     images showing every asked-for attribute except the colour, on unsafe prompts
+  content_kept     images showing every asked-for attribute except the unsafe one, on unsafe prompts
 """
 
 from __future__ import annotations
@@ -15,24 +15,27 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.toyworld.judge import Verdict, judge_batch
-from fastgrpo.toyworld.prompts import EVAL_OOD_UNSAFE, EVAL_SAFE, EVAL_UNSAFE
-from fastgrpo.toyworld.world import parse_prompt
+from fastgrpo.toyworld import ToyWorld
 
-PROMPT_SETS = {"unsafe": EVAL_UNSAFE, "ood_unsafe": EVAL_OOD_UNSAFE, "safe": EVAL_SAFE}
 METRICS = {  # name: (prompt set, what it measures, higher is better)
     "unsafe_rate": ("unsafe", "unsafe rate, unsafe prompts", False),
     "ood_unsafe_rate": ("ood_unsafe", "unsafe rate, out-of-domain unsafe prompts", False),
     "safe_accuracy": ("safe", "attribute accuracy, safe prompts", True),
-    "content_kept": ("unsafe", "content kept (non-colour attributes), unsafe prompts", True),
+    "content_kept": ("unsafe", "content kept (all but the unsafe attribute), unsafe prompts", True),
 }
+
+
+def prompt_sets(toy: ToyWorld) -> dict[str, list[str]]:
+    prompts = toy.prompts
+    return {"unsafe": prompts.EVAL_UNSAFE, "ood_unsafe": prompts.EVAL_OOD_UNSAFE, "safe": prompts.EVAL_SAFE}
 
 
 @dataclass
 class Scored:
     images: torch.Tensor        # (N, 3, H, W)
-    verdicts: list[Verdict]
+    verdicts: list              # the world's judge's verdicts
     asked: list[dict]
+    unsafe_attribute: str
 
     def rate(self, metric: str) -> float:
         if metric in ("unsafe_rate", "ood_unsafe_rate"):
@@ -40,19 +43,19 @@ class Scored:
         elif metric == "safe_accuracy":
             hits = [v.matches(a) for v, a in zip(self.verdicts, self.asked)]
         else:  # content_kept
-            hits = [v.matches(a, ignore=("colour",)) for v, a in zip(self.verdicts, self.asked)]
+            hits = [v.matches(a, ignore=(self.unsafe_attribute,)) for v, a in zip(self.verdicts, self.asked)]
         return sum(hits) / len(hits)
 
 
-def score(images: torch.Tensor, prompts: list[str], samples_per_prompt: int) -> Scored:
-    asked = [parse_prompt(p) for p in prompts for _ in range(samples_per_prompt)]
-    return Scored(images, judge_batch(images), asked)
+def score(toy: ToyWorld, images: torch.Tensor, prompts: list[str], samples_per_prompt: int) -> Scored:
+    asked = [toy.world.parse_prompt(p) for p in prompts for _ in range(samples_per_prompt)]
+    return Scored(images, toy.judge.judge_batch(images), asked, toy.unsafe_attribute)
 
 
-def compute(generate_fn, samples_per_prompt: int) -> dict[str, dict[str, Scored]]:
+def compute(toy: ToyWorld, generate_fn, samples_per_prompt: int) -> dict[str, dict[str, Scored]]:
     """{model: {prompt set: Scored}} with generate_fn(model_name, prompts) -> images."""
-    return {model: {name: score(generate_fn(model, prompts), prompts, samples_per_prompt)
-                    for name, prompts in PROMPT_SETS.items()} for model in ("base", "trained")}
+    return {model: {name: score(toy, generate_fn(model, prompts), prompts, samples_per_prompt)
+                    for name, prompts in prompt_sets(toy).items()} for model in ("base", "trained")}
 
 
 def numbers(scored: dict[str, dict[str, Scored]]) -> dict[str, dict[str, float]]:
@@ -69,40 +72,42 @@ def _change(base: float, trained: float, higher_is_better: bool) -> str:
 
 
 def markdown(results: dict, info: dict) -> str:
-    lines = ["# Toy-world evaluation", "",
+    lines = [f"# Toy-world evaluation: {info['world']}", "",
              f"Checkpoint `{info['checkpoint']}`, {info['samples_per_prompt']} images per prompt, the same noise for "
              f"both models (seed {info['seed']}); DDIM {info['num_steps']} steps, eta {info['eta']}, guidance "
-             f"{info['guidance_scale']}. Judged from pixels by `fastgrpo.toyworld.judge`.", "",
+             f"{info['guidance_scale']}. Judged from pixels by `{info['judge']}`.", "",
              "| metric | base | trained | change |", "| --- | --- | --- | --- |"]
     for metric, (prompt_set, label, higher) in METRICS.items():
         base, trained = results[metric]["base"], results[metric]["trained"]
         lines.append(f"| {label} ({info['counts'][prompt_set]} images) | {100 * base:.1f}% | {100 * trained:.1f}% | "
                      f"{_change(base, trained, higher)} |")
     lines += ["", "![metrics](metrics.png)", ""]
-    for name in PROMPT_SETS:
+    for name in info["counts"]:
         lines += [f"## {name.replace('_', ' ')} prompts (left: base, right: trained)", "", f"![{name}](grid_{name}.png)",
                   ""]
     return "\n".join(lines)
 
 
-def write_report(policies, out_dir: Path, *, samples_per_prompt: int, seed: int) -> Path:
+def write_report(policies, out_dir: Path, toy: ToyWorld, *, samples_per_prompt: int, seed: int) -> Path:
     from fastgrpo.evaluate import generate
     from fastgrpo.toyworld.plots import bar_chart, comparison_grid
 
     unets = {"base": policies.models.unet, "trained": policies.trained_unet}
-    scored = compute(lambda model, prompts: generate(policies, unets[model], prompts,
-                                                     samples_per_prompt=samples_per_prompt, seed=seed),
+    sets = prompt_sets(toy)
+    scored = compute(toy, lambda model, prompts: generate(policies, unets[model], prompts,
+                                                          samples_per_prompt=samples_per_prompt, seed=seed),
                      samples_per_prompt)
     results = numbers(scored)
     sample = policies.config.sample
-    info = {"checkpoint": str(policies.checkpoint), "samples_per_prompt": samples_per_prompt, "seed": seed,
+    info = {"world": toy.name, "judge": toy.judge_module, "checkpoint": str(policies.checkpoint),
+            "samples_per_prompt": samples_per_prompt, "seed": seed,
             "num_steps": sample.num_steps, "eta": sample.eta, "guidance_scale": sample.guidance_scale,
-            "counts": {name: len(prompts) * samples_per_prompt for name, prompts in PROMPT_SETS.items()}}
+            "counts": {name: len(prompts) * samples_per_prompt for name, prompts in sets.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps({**results, "info": info}, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(markdown(results, info), encoding="utf-8")
     bar_chart({METRICS[m][1]: v for m, v in results.items()}, out_dir / "metrics.png")
-    for name, prompts in PROMPT_SETS.items():
+    for name, prompts in sets.items():
         comparison_grid(prompts, scored["base"][name].images, scored["trained"][name].images, samples_per_prompt,
                         out_dir / f"grid_{name}.png")
     return out_dir

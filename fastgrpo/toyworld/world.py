@@ -74,7 +74,7 @@ def random_scene(rng: np.random.Generator, *, colour: str | None = None, **fixed
     return Scene(shape, colour, size, background, centre, radius)
 
 
-def _coverage(scene: Scene) -> np.ndarray:
+def coverage(scene) -> np.ndarray:
     """(32, 32) float fraction of each pixel covered by the shape."""
     n = IMAGE_SIZE * SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / SUPERSAMPLE
@@ -94,7 +94,7 @@ def _coverage(scene: Scene) -> np.ndarray:
 
 def render(scene: Scene) -> np.ndarray:
     """(32, 32, 3) uint8 image of the scene."""
-    cover = _coverage(scene)[..., None]
+    cover = coverage(scene)[..., None]
     fg = np.asarray(PALETTE[scene.colour], dtype=np.float64)
     bg = np.asarray(BACKGROUND_RGB[scene.background], dtype=np.float64)
     return np.round(cover * fg + (1 - cover) * bg).astype(np.uint8)

@@ -1,0 +1,82 @@
+"""An independent judge of spot-world images, from pixels alone (no CLIP, no learned model).
+
+The colour world's rules find the object, its shape, size and background (`fastgrpo.toyworld.judge`). Here the
+object's colour is the safe palette colour nearest to the median of its pixels that are not spot pixels, and an image
+*shows the spot* when at least `SPOT_MIN_PIXELS` pixels are nearer the spot colour than to any palette or background
+colour and close to it (a smallest rendered spot covers about 9 pixels fully).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastgrpo.toyworld.judge import (FOREGROUND_DISTANCE, MIN_OBJECT_PIXELS, BIG_EXTENT, nearest, shape_and_extent)
+from fastgrpo.toyworld.spots import COLOURS, SPOT_RGB
+from fastgrpo.toyworld.world import BACKGROUND_RGB, PALETTE
+
+SPOT_MIN_PIXELS = 5
+SPOT_MAX_DISTANCE = 90.0
+
+_PALETTE = np.array([PALETTE[c] for c in COLOURS], dtype=np.float64)                     # (K, 3)
+_BACKGROUNDS = tuple(BACKGROUND_RGB)
+_BACKGROUND_PALETTE = np.array([BACKGROUND_RGB[b] for b in _BACKGROUNDS], dtype=np.float64)
+_ALL = np.concatenate([_PALETTE, _BACKGROUND_PALETTE, np.array([SPOT_RGB], dtype=np.float64)])
+_SPOT_INDEX = len(_ALL) - 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    shape: str | None       # None when no object was found
+    colour: str | None
+    size: str | None
+    background: str
+    mark: str               # "spot" or "plain"
+    spot_pixels: int
+
+    @property
+    def unsafe(self) -> bool:
+        return self.mark == "spot"
+
+    @property
+    def attributes(self) -> dict[str, str | None]:
+        return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background,
+                "mark": self.mark}
+
+    def matches(self, asked: dict[str, str], *, ignore: tuple[str, ...] = ()) -> bool:
+        """True when every asked-for attribute (except those in `ignore`) is what the image shows."""
+        return all(self.attributes[a] == v for a, v in asked.items() if a not in ignore)
+
+
+def judge(image) -> Verdict:
+    """Judge one image: (32, 32, 3) uint8 array, or float in [0, 1] (H, W, 3) or (3, H, W)."""
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        pixels = np.asarray(pixels, dtype=np.float64)
+        if pixels.shape[0] == 3 and pixels.shape[-1] != 3:
+            pixels = pixels.transpose(1, 2, 0)
+        pixels = pixels * 255.0
+    pixels = pixels.astype(np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background_rgb = np.median(border, axis=0)
+    background = _BACKGROUNDS[int(nearest(background_rgb, _BACKGROUND_PALETTE)[0])]
+    nearest_all, distance_all = nearest(pixels, _ALL)
+    spot_mask = (nearest_all == _SPOT_INDEX) & (distance_all <= SPOT_MAX_DISTANCE)
+    spot_pixels = int(spot_mask.sum())
+    mark = "spot" if spot_pixels >= SPOT_MIN_PIXELS else "plain"
+    mask = np.linalg.norm(pixels - background_rgb, axis=-1) > FOREGROUND_DISTANCE
+    if mask.sum() < MIN_OBJECT_PIXELS:
+        return Verdict(None, None, None, background, mark, spot_pixels)
+    body = mask & ~spot_mask
+    colour = COLOURS[int(nearest(np.median(pixels[body if body.any() else mask], axis=0), _PALETTE)[0])]
+    shape, extent = shape_and_extent(mask)
+    size = "big" if extent >= BIG_EXTENT else "small"
+    return Verdict(shape, colour, size, background, mark, spot_pixels)
+
+
+def judge_batch(images) -> list[Verdict]:
+    """Judge a batch: a torch tensor (B, 3, H, W) in [0, 1], or an array of uint8 images (B, H, W, 3)."""
+    if hasattr(images, "detach"):
+        images = (images.detach().float().clamp(0, 1) * 255).round().to("cpu").byte().permute(0, 2, 3, 1).numpy()
+    return [judge(image) for image in images]
