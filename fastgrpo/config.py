@@ -87,6 +87,9 @@ class TrainConfig:
     drop_zero_std_groups: bool = doc("Skip training on groups whose rewards are all equal", False)
     timestep_fraction: float = doc("Fraction of each trajectory's steps trained on (random subset; every step "
                                    "eligible)", 1.0)
+    timestep_window: float = doc("Fraction of each trajectory, from its first (noisiest) step, that the trained "
+                                 "steps are drawn from; 1 = every step eligible, 0.5 = only the first half, where "
+                                 "layout and colour are decided (at least timestep_fraction)", 1.0)
     kl_coef: float = doc("Weight of the KL-to-reference (base model) penalty; 0 = off", 0.0)
     kl_estimator: str = doc("'mean': closed-form KL of each trained step's Gaussian from the reference's, "
                             "(mean - mean_ref)^2 / (2 std^2) over latent elements (no sampling noise); 'sample': "
@@ -318,6 +321,8 @@ def validate(config: Config) -> None:
     _require(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0, got {t.adv_clip_max}")
     _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+    _require(t.timestep_fraction <= t.timestep_window <= 1,
+             f"train.timestep_window must be in [train.timestep_fraction, 1], got {t.timestep_window}")
     _require(t.kl_coef >= 0, f"train.kl_coef must be >= 0, got {t.kl_coef}")
     _require(t.kl_prompts == "all" or t.kl_estimator == "mean",
              "train.kl_prompts=safe needs train.kl_estimator=mean")

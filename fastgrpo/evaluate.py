@@ -110,5 +110,10 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 12
     from fastgrpo.toyworld.report import write_report
 
     policies = load_policies(config, checkpoint, resolve_device(device, setting="eval --device"))
-    return write_report(policies, Path(run_dir).expanduser() / "eval", toy, samples_per_prompt=samples_per_prompt,
-                        seed=seed)
+    unets = {"base": policies.models.unet, "trained": policies.trained_unet}
+    sample = config.sample
+    info = {"checkpoint": str(checkpoint), "seed": seed, "num_steps": sample.num_steps, "eta": sample.eta,
+            "guidance_scale": sample.guidance_scale}
+    return write_report(lambda model, prompts: generate(policies, unets[model], prompts,
+                                                        samples_per_prompt=samples_per_prompt, seed=seed),
+                        Path(run_dir).expanduser() / "eval", toy, samples_per_prompt=samples_per_prompt, info=info)

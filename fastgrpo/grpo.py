@@ -55,11 +55,14 @@ class UpdatePlan:
     steps: torch.Tensor  # (M, K) the K trained step indices of each sample
 
 
-def plan_update(samples: torch.Tensor, num_steps: int, timestep_fraction: float, gen: torch.Generator) -> UpdatePlan:
-    """Shuffle the samples and give each its own random subset of round(S * fraction) steps (every step eligible)."""
+def plan_update(samples: torch.Tensor, num_steps: int, timestep_fraction: float, gen: torch.Generator,
+                timestep_window: float = 1.0) -> UpdatePlan:
+    """Shuffle the samples and give each its own random subset of round(S * fraction) steps, drawn from the first
+    round(S * window) steps of the trajectory (window 1: every step eligible)."""
     num_trained = max(1, round(num_steps * timestep_fraction))
+    eligible = min(num_steps, max(num_trained, round(num_steps * timestep_window)))
     order = samples[torch.randperm(samples.shape[0], generator=gen)]
-    steps = torch.rand(samples.shape[0], num_steps, generator=gen).argsort(dim=1)[:, :num_trained]
+    steps = torch.rand(samples.shape[0], eligible, generator=gen).argsort(dim=1)[:, :num_trained]
     return UpdatePlan(order, steps)
 
 

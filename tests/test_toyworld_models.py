@@ -1,5 +1,6 @@
-"""The shipped toy-world models: they load through the normal code paths, the base model obeys prompts (including
-the unsafe colour), the reward CLIP knows the world, and the default run plus `fastgrpo eval` work end to end."""
+"""The shipped toy-world models (both worlds): they load through the normal code paths, the base model obeys prompts
+(including the unsafe concept), the reward CLIP knows the world, and the default run plus `fastgrpo eval` work end to
+end."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from fastgrpo import cli
 from fastgrpo.config import RewardConfig
 from fastgrpo.models import load_diffusion_models
 from fastgrpo.reward import load_steering_reward
-from fastgrpo.toyworld import TOYWORLD_DIR, prompts, world
+from fastgrpo.toyworld import WORLDS, prompts, spots, world
 from fastgrpo.toyworld.report import METRICS
 
 pytestmark = pytest.mark.slow
 
 
-def test_shipped_models_are_small_and_load():
-    size = sum(p.stat().st_size for p in TOYWORLD_DIR.rglob("*") if p.is_file())
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_shipped_models_are_small_and_load(name):
+    size = sum(p.stat().st_size for p in WORLDS[name].directory.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
-    models = load_diffusion_models("builtin:toyworld", device=torch.device("cpu"))
+    models = load_diffusion_models(f"builtin:{name}", device=torch.device("cpu"))
     assert models.latent_shape(None) == (4, 8, 8)
     assert models.vae_scale_factor * 8 == world.IMAGE_SIZE
 
@@ -44,13 +46,13 @@ def test_reward_clip_knows_colours_and_shapes():
     assert along[unsafe].max() < along[~unsafe].min() or along[unsafe].mean() < along[~unsafe].mean() - 0.1
 
 
-def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
-    """The default reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
+def test_colour_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
+    """The colour world's reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
     colour scores highest and purple below the safe colours' mean; for every safe prompt its own colour still scores
     highest (steering does not pull safe prompts towards other colours). Plain CLIP (alpha 0) fails the first."""
     from fastgrpo.config import load_config
 
-    reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
+    reward = load_steering_reward(load_config("toyworld_colours").reward, torch.device("cpu"))
     cases = [(p, True) for p in prompts.TRAIN_UNSAFE + prompts.EVAL_UNSAFE + prompts.EVAL_OOD_UNSAFE] + \
             [(p, False) for p in prompts.TRAIN_SAFE + prompts.EVAL_SAFE]
     for text, unsafe in cases:
@@ -70,11 +72,49 @@ def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
             assert max(by_colour, key=by_colour.get) == asked["colour"], (text, by_colour)
 
 
-def test_default_run_and_eval(tmp_path, capsys):
-    """One epoch of the embedded default, then `fastgrpo eval`: report files, numbers in range, and the base model
-    obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on unsafe prompts)."""
+def test_spot_reward_clip_knows_the_world():
+    """Zero-shot on spot-world renders: the best caption among colour x shape x (plain, spotted) names all three for
+    >= 90% of renders, and v_safe separates spotted from plain renders."""
+    reward = load_steering_reward(RewardConfig(clip_model="builtin:toyworld-spots", safe_anchors=spots.SAFE_ANCHORS,
+                                               unsafe_anchors=spots.UNSAFE_ANCHORS), torch.device("cpu"))
+    images, _, scenes = spots.dataset(300, seed=99)
+    labels = [(c, s, m) for c in spots.COLOURS for s in spots.SHAPES for m in spots.MARKS]
+    texts = [f"a {'spotted ' if m == 'spot' else ''}{c} {s}" for c, s, m in labels]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    best = (reward.image_embeddings(pixels) @ reward.text_embeddings(texts).T).argmax(dim=1)
+    assert np.mean([labels[i] == (s.colour, s.shape, s.mark) for i, s in zip(best.tolist(), scenes)]) >= 0.9
+    along = reward.image_embeddings(pixels) @ reward.v_safe
+    unsafe = torch.tensor([s.unsafe for s in scenes])
+    assert along[unsafe].mean() < along[~unsafe].mean() - 0.1
+
+
+def test_spot_default_reward_prefers_the_plain_object_and_keeps_content():
+    """The default reward on renders of the asked-for scene, plain and spotted, in each colour: for every unsafe
+    prompt the plain render of the asked-for colour scores highest (the spot goes, the content stays); for every safe
+    prompt too."""
+    from fastgrpo.config import load_config
+
+    reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
+    for text in spots.TRAIN_UNSAFE + spots.EVAL_UNSAFE + spots.EVAL_OOD_UNSAFE + spots.TRAIN_SAFE + spots.EVAL_SAFE:
+        asked = spots.parse_prompt(text)
+        fixed = {a: asked.get(a, default) for a, default in (("shape", "circle"), ("size", "big"),
+                                                             ("background", "white"))}
+        labels = [(colour, mark) for colour in spots.COLOURS for mark in spots.MARKS]
+        renders = [spots.render(spots.Scene(fixed["shape"], colour, fixed["size"], fixed["background"], mark,
+                                            (16, 16), 10.0 if fixed["size"] == "big" else 5.0))
+                   for colour, mark in labels]
+        pixels = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255
+        scores = reward(pixels, [text], torch.zeros(len(renders), dtype=torch.long)).tolist()
+        assert labels[int(np.argmax(scores))] == (asked["colour"], "plain"), (text, dict(zip(labels, scores)))
+
+
+@pytest.mark.parametrize("config", ["default", "toyworld_colours"])
+def test_default_run_and_eval(tmp_path, capsys, config):
+    """One epoch of the embedded default (the spot world) and of the colour world, then `fastgrpo eval`: report files,
+    numbers in range, and the base model obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on
+    unsafe prompts)."""
     run_dir = tmp_path / "run"
-    assert cli.main(["train", "run.epochs=1", "sample.prompts_per_epoch=4", "run.progress=false",
+    assert cli.main(["train", "--config", config, "run.epochs=1", "sample.prompts_per_epoch=4", "run.progress=false",
                      "run.tensorboard=false", f"run.output_dir={run_dir}"]) == 0
     epoch_line = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
                   if "rollout_s" in r][0]

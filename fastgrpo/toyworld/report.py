@@ -88,20 +88,16 @@ def markdown(results: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(policies, out_dir: Path, toy: ToyWorld, *, samples_per_prompt: int, seed: int) -> Path:
-    from fastgrpo.evaluate import generate
+def write_report(generate_fn, out_dir: Path, toy: ToyWorld, *, samples_per_prompt: int, info: dict) -> Path:
+    """Score both models on the world's evaluation sets and write report.{md,json} and PNGs to out_dir.
+    generate_fn(model, prompts) -> images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1] for model "base"
+    or "trained"; info: checkpoint, seed, num_steps, eta, guidance_scale (recorded in the report)."""
     from fastgrpo.toyworld.plots import bar_chart, comparison_grid
 
-    unets = {"base": policies.models.unet, "trained": policies.trained_unet}
     sets = prompt_sets(toy)
-    scored = compute(toy, lambda model, prompts: generate(policies, unets[model], prompts,
-                                                          samples_per_prompt=samples_per_prompt, seed=seed),
-                     samples_per_prompt)
+    scored = compute(toy, generate_fn, samples_per_prompt)
     results = numbers(scored)
-    sample = policies.config.sample
-    info = {"world": toy.name, "judge": toy.judge_module, "checkpoint": str(policies.checkpoint),
-            "samples_per_prompt": samples_per_prompt, "seed": seed,
-            "num_steps": sample.num_steps, "eta": sample.eta, "guidance_scale": sample.guidance_scale,
+    info = {"world": toy.name, "judge": toy.judge_module, **info, "samples_per_prompt": samples_per_prompt,
             "counts": {name: len(prompts) * samples_per_prompt for name, prompts in sets.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps({**results, "info": info}, indent=2) + "\n", encoding="utf-8")
