@@ -359,9 +359,22 @@ def _train(config: Config) -> Path:
     return output_dir
 
 
+def run_from_config(config: Config) -> int:
+    output_dir = train(config)
+    print(f"fastgrpo: done; outputs in {output_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from fastgrpo.cli import main as cli_main
-    return cli_main(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+    """`deepspeed fastgrpo/train.py [--config ...] [key=value ...]`: the same as `fastgrpo train`."""
+    import argparse
+
+    from fastgrpo.commandline import add_train_arguments, config_from_args, run_command
+
+    parser = argparse.ArgumentParser(prog="fastgrpo/train.py", description="GRPO safety post-training (one rank).")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_command(lambda: run_from_config(config_from_args(args)))
 
 
 if __name__ == "__main__":
