@@ -22,8 +22,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 def doc(text: str, default, **kwargs):
     """A dataclass field whose one-line help text is the source of the generated docs."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": text, **kwargs})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text, **kwargs})
     return field(default=default, metadata={"help": text, **kwargs})
 
 
@@ -57,6 +57,10 @@ class SampleConfig:
 
 @dataclass
 class RewardConfig:
+    kind: str = doc("Reward model: a module of fastgrpo.rewards ('steering': SafeDiffusion-R1's CLIP steering reward; "
+                    "'aesthetic': a linear head on CLIP image embeddings)", "steering")
+    options: dict[str, str] = doc("Options of the chosen reward kind that have no key of their own (e.g. head: "
+                                  "PATH for 'aesthetic')", {})
     clip_model: str = doc("open_clip architecture name (e.g. ViT-H-14) or a model-config JSON path",
                           "builtin:tiny-random")
     clip_checkpoint: str | None = doc("open_clip / HPSv2 checkpoint: a state_dict or {'state_dict': ...} (.pt, "
@@ -181,6 +185,13 @@ def _convert(value, annotation, key: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key)
+    if origin is dict:  # a mapping of names to scalars, kept as text (its reader converts and checks them)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        for name, item in value.items():
+            if not isinstance(item, (str, int, float, bool)):
+                raise ConfigError(f"{key}.{name}: expected a number or text, got {type(item).__name__} {item!r}")
+        return {name: str(item) for name, item in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -218,6 +229,8 @@ def _apply(section, values: dict, prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
             _apply(current, value, f"{key}.")
+        elif isinstance(current, dict):  # mappings merge: `reward.options.head=F` keeps the other options
+            setattr(section, name, {**current, **_convert(value, hints[name], key)})
         else:
             setattr(section, name, _convert(value, hints[name], key))
 
@@ -335,6 +348,8 @@ def validate(config: Config) -> None:
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1/adam_beta2 must be in [0, 1)")
     _require(r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
+    from fastgrpo.rewards import kinds
+    _require(r.kind in kinds(), f"reward.kind: unknown kind {r.kind!r} (known: {', '.join(kinds())})")
     _require(r.alpha == 0 or (r.safe_anchors and r.unsafe_anchors),
              "reward.safe_anchors and reward.unsafe_anchors must be non-empty when reward.alpha != 0")
     _require(config.engine.mixed_precision != "fp16" or config.engine.deepspeed is not None,

@@ -64,10 +64,12 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def _read_state_dict(checkpoint: str) -> dict:
+def read_state_dict(checkpoint: str, setting: str = "reward.clip_checkpoint") -> dict:
+    """A tensor state_dict from .safetensors or a torch file read with weights_only (no code runs); one-line
+    ModelLoadError naming `setting` otherwise."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise ModelLoadError(f"reward.clip_checkpoint: {checkpoint!r} does not exist")
+        raise ModelLoadError(f"{setting}: {checkpoint!r} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -75,11 +77,11 @@ def _read_state_dict(checkpoint: str) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ModelLoadError(f"reward.clip_checkpoint: cannot read {checkpoint!r}: {type(error).__name__}") from None
+        raise ModelLoadError(f"{setting}: cannot read {checkpoint!r}: {type(error).__name__}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"reward.clip_checkpoint: {checkpoint!r} holds no state_dict")
+        raise ModelLoadError(f"{setting}: {checkpoint!r} holds no state_dict")
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
@@ -103,7 +105,7 @@ def load_open_clip(clip_model: str, checkpoint: str | None, device: torch.device
                              f"(give a name from open_clip.list_models() or a model-config JSON path)")
     if checkpoint is None:
         raise ModelLoadError("reward.clip_checkpoint is required (no weights can be downloaded)")
-    state = _read_state_dict(checkpoint)
+    state = read_state_dict(checkpoint)
     with _quiet_root_logger():
         model = open_clip.create_model(name, pretrained=None)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -171,6 +173,11 @@ class SteeringReward:
 def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torch.float32) -> SteeringReward:
     """SteeringReward from a RewardConfig ('builtin:tiny-random' = the tiny random open_clip model,
     'builtin:toyworld-spots' / 'builtin:toyworld' = a packaged toy world's CLIP)."""
+    return load_clip_reward(config, device, dtype)
+
+
+def load_clip_reward(config, device: torch.device, dtype: torch.dtype = torch.float32, **settings) -> SteeringReward:
+    """The RewardConfig's CLIP model as a SteeringReward; `settings` replace the config's alpha, mode, anchors."""
     from fastgrpo.toyworld import WORLDS
 
     clip_model, checkpoint = config.clip_model, config.clip_checkpoint
@@ -184,5 +191,6 @@ def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torc
         checkpoint = checkpoint or str(directory / "toyworld-clip.safetensors")
     model, tokenizer = load_open_clip(clip_model, checkpoint, device)
     model.to(dtype)
-    return SteeringReward(model, tokenizer, alpha=config.alpha, mode=config.mode, safe_anchors=config.safe_anchors,
-                          unsafe_anchors=config.unsafe_anchors, batch_size=config.batch_size)
+    chosen = {"alpha": config.alpha, "mode": config.mode, "safe_anchors": config.safe_anchors,
+              "unsafe_anchors": config.unsafe_anchors, "batch_size": config.batch_size, **settings}
+    return SteeringReward(model, tokenizer, **chosen)

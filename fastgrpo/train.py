@@ -36,7 +36,7 @@ from fastgrpo.metrics import MetricsWriter, save_image_grid
 from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, load_diffusion_models,
                              note_truncated_prompts, select_trainable)
 from fastgrpo.prompts import PromptMixer, load_prompts
-from fastgrpo.reward import SteeringReward, load_steering_reward
+from fastgrpo.rewards import Reward, load_reward
 from fastgrpo.rng import generator
 from fastgrpo.rundir import claim_run_dir
 
@@ -48,7 +48,7 @@ class Session:
     config: Config
     device: torch.device
     models: DiffusionModels
-    reward: SteeringReward
+    reward: Reward
     engine: object  # SingleProcessEngine or DeepSpeedEngine
     ref_unet: torch.nn.Module | None
     mixer: PromptMixer
@@ -121,7 +121,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                    gradient_checkpointing=config.engine.gradient_checkpointing)
     if world_size == 1 or torch.distributed.get_rank() == 0:
         note_truncated_prompts(models, mixer.safe + mixer.unsafe)
-    reward = load_steering_reward(config.reward, device, dtype=models.vae.dtype)
+    reward = load_reward(config.reward, device, dtype=models.vae.dtype)
     ref_unet = None
     if config.lora.rank > 0:
         add_lora(models.unet, config.lora)  # the KL reference is this UNet with adapters disabled
