@@ -285,7 +285,7 @@ at::Tensor group_advantages(const at::Tensor& rewards, int64_t group_size, bool 
 // Returns the (7,) stats vector [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl].
 at::Tensor grpo_loss_forward(const at::Tensor& log_probs, const at::Tensor& old_log_probs,
                              const at::Tensor& advantages, const c10::optional<at::Tensor>& ref_log_probs,
-                             double clip_range, double kl_coef) {
+                             double clip_low, double clip_high, double kl_coef) {
   check_inputs(log_probs, {old_log_probs, advantages});
   if (ref_log_probs.has_value()) check_inputs(log_probs, {*ref_log_probs});
   auto stats = at::empty({7}, log_probs.options());
@@ -300,10 +300,10 @@ at::Tensor grpo_loss_forward(const at::Tensor& log_probs, const at::Tensor& old_
     for (int64_t i = 0; i < n; ++i) {
       const double log_ratio = static_cast<double>(lp[i]) - old[i];
       const double ratio = std::exp(log_ratio);
-      const double bounded = std::min(std::max(ratio, 1.0 - clip_range), 1.0 + clip_range);
+      const double bounded = std::min(std::max(ratio, 1.0 - clip_low), 1.0 + clip_high);
       loss += std::max(-adv[i] * ratio, -adv[i] * bounded);
       sq += log_ratio * log_ratio;
-      clipped += std::abs(ratio - 1.0) > clip_range ? 1.0 : 0.0;
+      clipped += (ratio < 1.0 - clip_low || ratio > 1.0 + clip_high) ? 1.0 : 0.0;
       ratio_sum += ratio;
       ratio_min = std::min(ratio_min, ratio);
       ratio_max = std::max(ratio_max, ratio);
@@ -322,7 +322,8 @@ at::Tensor grpo_loss_forward(const at::Tensor& log_probs, const at::Tensor& old_
 
 at::Tensor grpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& log_probs,
                               const at::Tensor& old_log_probs, const at::Tensor& advantages,
-                              const c10::optional<at::Tensor>& ref_log_probs, double clip_range, double kl_coef) {
+                              const c10::optional<at::Tensor>& ref_log_probs, double clip_low, double clip_high,
+                              double kl_coef) {
   check_inputs(log_probs, {old_log_probs, advantages});
   auto grad = at::empty_like(log_probs);
   const int64_t n = log_probs.numel();
@@ -335,8 +336,8 @@ at::Tensor grpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& log
     scalar_t* g = grad.data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) {
       const double ratio = std::exp(static_cast<double>(lp[i]) - old[i]);
-      const double bounded = std::min(std::max(ratio, 1.0 - clip_range), 1.0 + clip_range);
-      const bool inside = ratio >= 1.0 - clip_range && ratio <= 1.0 + clip_range;
+      const double bounded = std::min(std::max(ratio, 1.0 - clip_low), 1.0 + clip_high);
+      const bool inside = ratio >= 1.0 - clip_low && ratio <= 1.0 + clip_high;
       const bool active = (-adv[i] * ratio > -adv[i] * bounded) || inside;
       double value = active ? -adv[i] * ratio : 0.0;
       if (ref) value += kl_coef * (1.0 - std::exp(static_cast<double>(ref[i]) - lp[i]));

@@ -84,7 +84,9 @@ class TrainConfig:
     adam_eps: float = doc("AdamW epsilon", 1e-8)
     weight_decay: float = doc("AdamW weight decay", 1e-4)
     warmup_steps: int = doc("Optimiser steps of linear learning-rate warmup from 0", 0)
-    clip_range: float = doc("PPO ratio clip range epsilon (> 0)", 1e-4)
+    clip_range: float = doc("PPO ratio clip range epsilon (> 0): the ratio is clipped to [1 - eps, 1 + eps]", 1e-4)
+    clip_range_high: float | None = doc("Upper clip range (DAPO's clip-higher): the ratio is clipped to [1 - "
+                                        "clip_range, 1 + clip_range_high]; null = clip_range", None)
     adv_clip_max: float = doc("Advantages are clipped to [-adv_clip_max, adv_clip_max]", 2.5)
     adv_std: str = doc("Advantage scale: 'group' = each group's std, 'global' = std over the epoch", "group",
                        choices=("group", "global"))
@@ -331,6 +333,8 @@ def validate(config: Config) -> None:
              f"sample.resolution must be null or a positive multiple of 8, got {s.resolution}")
     _require(0.0 <= d.unsafe_fraction <= 1.0, f"data.unsafe_fraction must be in [0, 1], got {d.unsafe_fraction}")
     _require(t.clip_range > 0, f"train.clip_range must be > 0, got {t.clip_range}")
+    _require(t.clip_range_high is None or t.clip_range_high > 0,
+             f"train.clip_range_high must be > 0 or null, got {t.clip_range_high}")
     _require(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0, got {t.adv_clip_max}")
     _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")

@@ -83,6 +83,7 @@ class LossSettings:
     kl_coef: float = 0.0
     backend: str = "auto"
     skip_nonfinite: bool = False  # skip an optimiser step whose loss or gradient norm is not finite (else raise)
+    clip_range_high: float | None = None  # upper clip range (None: clip_range)
 
 
 class StepStats:
@@ -136,7 +137,8 @@ def policy_update(engine, policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None
                     ref_log_probs = ref_log_prob_fn(samples, steps)
             value, loss_stats = ops.grpo_loss(
                 log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
-                clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend)
+                clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend,
+                clip_range_high=loss.clip_range_high)
             if kl is not None:
                 value = value + loss.kl_coef * kl.mean()
                 loss_stats = {**loss_stats, "kl": kl.detach().mean()}

@@ -235,7 +235,8 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
         yield from policy_update(s.engine, policy_fn, ref_fn, trajectories.log_probs, advantages, plan,
                                  batch_size=t.batch_size, samples_per_step=t.samples_per_step // s.engine.world_size,
                                  loss=LossSettings(t.clip_range, t.kl_coef, t.ops_backend,
-                                                   skip_nonfinite=t.on_nonfinite == "skip"))
+                                                   skip_nonfinite=t.on_nonfinite == "skip",
+                                                   clip_range_high=t.clip_range_high))
 
 
 def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> float | None:

@@ -304,15 +304,16 @@ def loss_inputs(n, seed, spread=0.05, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("with_ref,clip_high", [(False, None), (True, None), (True, 0.08)])
 @pytest.mark.parametrize("n", [1, 7, 2053])
-def test_grpo_loss_matches_reference(backend, with_ref, n):
+def test_grpo_loss_matches_reference(backend, with_ref, clip_high, n):
     log_probs, old, adv, ref = loss_inputs(n, seed=n)
     ref = ref if with_ref else None
     results = {}
     for name in ("reference", backend):
         lp = log_probs.clone().requires_grad_(True)
-        loss, stats = ops.grpo_loss(lp, old, adv, clip_range=0.03, ref_log_probs=ref, kl_coef=0.2, backend=name)
+        loss, stats = ops.grpo_loss(lp, old, adv, clip_range=0.03, ref_log_probs=ref, kl_coef=0.2, backend=name,
+                                    clip_range_high=clip_high)
         loss.backward()
         results[name] = (loss.detach(), stats, lp.grad)
     (loss, stats, grad), (ref_loss, ref_stats, ref_grad) = results[backend], results["reference"]
@@ -350,7 +351,7 @@ def test_opcheck(backend, op):
         torch.library.opcheck(ops.ddim_step_op, args)
     elif op == "grpo_loss":
         log_probs, old, adv, ref = loss_inputs(9, seed=7, dtype=torch.float32)
-        torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, 0.05, 0.1, backend))
+        torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, 0.05, 0.08, 0.1, backend))
     else:
         torch.library.opcheck(ops.group_advantages_op, (torch.randn(8, device=DEVICE), 4, False, True, 2.5, 1e-8,
                                                          backend))

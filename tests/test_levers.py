@@ -1,4 +1,4 @@
-"""Recipe levers: which timesteps train (`train.timestep_window`)."""
+"""Recipe levers: which timesteps train (`train.timestep_window`), the asymmetric clip (`train.clip_range_high`)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,17 @@ def test_timestep_window_is_checked():
     with pytest.raises(ConfigError, match="timestep_window"):
         load_config(None, ["train.timestep_window=1.5"])
     assert load_config(None, ["train.timestep_window=0.5"]).train.timestep_window == 0.5
+
+
+def test_clip_range_high_is_checked_and_reaches_the_loss(monkeypatch, tiny_overrides):
+    """train.clip_range_high is validated, and a run hands it to every loss call (asymmetric clip, DAPO)."""
+    with pytest.raises(ConfigError, match="clip_range_high"):
+        load_config(None, ["train.clip_range_high=0"])
+    from fastgrpo import cli, ops
+
+    seen = []
+    real = ops.grpo_loss
+    monkeypatch.setattr(ops, "grpo_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
+    assert cli.main(["train", "--config", "smoke", *tiny_overrides, "run.epochs=1", "train.clip_range=0.2",
+                     "train.clip_range_high=0.28"]) == 0
+    assert seen and all(k["clip_range"] == 0.2 and k["clip_range_high"] == 0.28 for k in seen)

@@ -172,33 +172,36 @@ def test_group_advantages_reject_bad_groups():
         ops.group_advantages(torch.zeros(6), 1)
 
 
-def loss_loop(log_probs, old, adv, clip_range, ref=None, kl_coef=0.0):
+def loss_loop(log_probs, old, adv, clip_range, ref=None, kl_coef=0.0, clip_high=None):
     """float64 per-element reference of the clipped objective and its statistics."""
     terms, kls, ratios = [], [], []
+    clip_high = clip_range if clip_high is None else clip_high
     for lp, o, a, r in zip(log_probs, old, adv, ref if ref is not None else [None] * len(adv)):
         ratio = math.exp(lp - o)
-        clipped_ratio = min(max(ratio, 1 - clip_range), 1 + clip_range)
+        clipped_ratio = min(max(ratio, 1 - clip_range), 1 + clip_high)
         terms.append(max(-a * ratio, -a * clipped_ratio))
         ratios.append(ratio)
         if r is not None:
             kls.append(math.exp(r - lp) - (r - lp) - 1)
     loss = sum(terms) / len(terms) + (kl_coef * sum(kls) / len(kls) if kls else 0.0)
     stats = {"approx_kl": 0.5 * sum((lp - o) ** 2 for lp, o in zip(log_probs, old)) / len(terms),
-             "clipfrac": sum(abs(r - 1) > clip_range for r in ratios) / len(ratios),
+             "clipfrac": sum(r < 1 - clip_range or r > 1 + clip_high for r in ratios) / len(ratios),
              "ratio_mean": sum(ratios) / len(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
     return loss, stats
 
 
+@pytest.mark.parametrize("clip_high", [None, 0.05])
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_grpo_loss_matches_loop(with_ref):
+def test_grpo_loss_matches_loop(with_ref, clip_high):
     gen = torch.Generator().manual_seed(7)
     old = torch.randn(33, generator=gen, dtype=torch.float64)
     log_probs = old + 0.05 * torch.randn(33, generator=gen, dtype=torch.float64)
     adv = torch.randn(33, generator=gen, dtype=torch.float64)
     ref = old + 0.1 * torch.randn(33, generator=gen, dtype=torch.float64) if with_ref else None
-    loss, stats = ops.grpo_loss(log_probs, old, adv, clip_range=0.02, ref_log_probs=ref, kl_coef=0.3)
+    loss, stats = ops.grpo_loss(log_probs, old, adv, clip_range=0.02, ref_log_probs=ref, kl_coef=0.3,
+                                clip_range_high=clip_high)
     expected_loss, expected_stats = loss_loop(log_probs.tolist(), old.tolist(), adv.tolist(), 0.02,
-                                              ref.tolist() if with_ref else None, 0.3)
+                                              ref.tolist() if with_ref else None, 0.3, clip_high)
     assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
     for name, value in expected_stats.items():
         assert stats[name].item() == pytest.approx(value, rel=1e-12), name

@@ -39,60 +39,62 @@ def _(rewards, group_size, global_std, unbiased, clip, eps, backend):
     return torch.empty_like(rewards, dtype=compute_dtype(rewards))
 
 
-def _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+def _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
     dtype = compute_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
     if backend == "triton":
         module, _ = triton_kernels()
-        return module.grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range=clip_range,
-                                        kl_coef=kl_coef, compute_dtype=dtype)
+        return module.grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_low=clip_low,
+                                        clip_high=clip_high, kl_coef=kl_coef, compute_dtype=dtype)
     module, _ = cpp_kernels()
-    return module.grpo_loss_forward(*_ready(dtype, log_probs, old_log_probs, advantages, ref_log_probs), clip_range,
-                                    kl_coef)
+    return module.grpo_loss_forward(*_ready(dtype, log_probs, old_log_probs, advantages, ref_log_probs), clip_low,
+                                    clip_high, kl_coef)
 
 
 @torch.library.custom_op("fastgrpo::grpo_loss", mutates_args=())
 def grpo_loss_op(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                 ref_log_probs: torch.Tensor | None, clip_range: float, kl_coef: float, backend: str) -> torch.Tensor:
-    return _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+                 ref_log_probs: torch.Tensor | None, clip_low: float, clip_high: float, kl_coef: float,
+                 backend: str) -> torch.Tensor:
+    return _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend)
 
 
 @grpo_loss_op.register_fake
-def _(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+def _(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
     return log_probs.new_empty((len(STAT_NAMES),), dtype=compute_dtype(log_probs, old_log_probs, advantages,
                                                                        ref_log_probs))
 
 
-def _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef,
-                        backend):
+def _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high,
+                        kl_coef, backend):
     dtype = compute_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
     if backend == "triton":
         module, _ = triton_kernels()
         grad = module.grpo_loss_backward(grad_loss.to(dtype), log_probs, old_log_probs, advantages, ref_log_probs,
-                                         clip_range=clip_range, kl_coef=kl_coef, compute_dtype=dtype)
+                                         clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
+                                         compute_dtype=dtype)
     else:
         module, _ = cpp_kernels()
         grad = module.grpo_loss_backward(*_ready(dtype, grad_loss, log_probs, old_log_probs, advantages,
-                                                 ref_log_probs), clip_range, kl_coef)
+                                                 ref_log_probs), clip_low, clip_high, kl_coef)
     return grad.to(log_probs.dtype)
 
 
 @torch.library.custom_op("fastgrpo::grpo_loss_backward", mutates_args=())
 def grpo_loss_backward_op(grad_loss: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
-                          advantages: torch.Tensor, ref_log_probs: torch.Tensor | None, clip_range: float,
-                          kl_coef: float, backend: str) -> torch.Tensor:
-    return _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef,
-                               backend)
+                          advantages: torch.Tensor, ref_log_probs: torch.Tensor | None, clip_low: float,
+                          clip_high: float, kl_coef: float, backend: str) -> torch.Tensor:
+    return _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high,
+                               kl_coef, backend)
 
 
 @grpo_loss_backward_op.register_fake
-def _(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+def _(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
     return torch.empty_like(log_probs)
 
 
 def _loss_setup(ctx, inputs, output):
-    log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend = inputs
+    log_probs, old_log_probs, advantages, ref_log_probs, *settings = inputs
     ctx.save_for_backward(log_probs, old_log_probs, advantages, ref_log_probs)
-    ctx.clip_range, ctx.kl_coef, ctx.backend = clip_range, kl_coef, backend
+    ctx.settings = settings  # clip_low, clip_high, kl_coef, backend
 
 
 def _loss_backward(ctx, grad_stats):
@@ -100,8 +102,8 @@ def _loss_backward(ctx, grad_stats):
     grad = None
     if ctx.needs_input_grad[0]:
         grad = grpo_loss_backward_op(grad_stats[0], log_probs, old_log_probs, advantages, ref_log_probs,
-                                     ctx.clip_range, ctx.kl_coef, ctx.backend)
-    return grad, None, None, None, None, None, None
+                                     *ctx.settings)
+    return grad, None, None, None, None, None, None, None
 
 
 grpo_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -116,26 +118,27 @@ class GrpoLossFunction(torch.autograd.Function):
     (one launch; a select of the stats vector would add a zero-fill and a copy), and the stats vector detached."""
 
     @staticmethod
-    def forward(ctx, log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
+    def forward(ctx, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
         ctx.save_for_backward(log_probs, old_log_probs, advantages, ref_log_probs)
-        ctx.settings = (clip_range, kl_coef, backend)
+        ctx.settings = (clip_low, clip_high, kl_coef, backend)
         ctx.set_materialize_grads(False)
-        stats = _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+        stats = _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, *ctx.settings)
         ctx.mark_non_differentiable(stats)
         return stats[0], stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 7
+            return (None,) * 8
         log_probs, old_log_probs, advantages, ref_log_probs = ctx.saved_tensors
         grad = _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, *ctx.settings)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
-def grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend):
-    """(loss 0-dim, stats (7,) without gradient) on a fused backend."""
-    args = (log_probs, old_log_probs, advantages, ref_log_probs, clip_range, kl_coef, backend)
+def grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
+    """(loss 0-dim, stats (7,) without gradient) on a fused backend; the ratio is clipped to
+    [1 - clip_low, 1 + clip_high]."""
+    args = (log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend)
     if torch.compiler.is_compiling():
         stats = grpo_loss_op(*args)
         return stats[0], stats.detach()

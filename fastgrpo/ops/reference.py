@@ -144,13 +144,17 @@ def _group_ids(rewards, group_size):
     return torch.arange(rewards.shape[0], device=rewards.device) // int(group_size)
 
 
-def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs=None, kl_coef=0.0):
+def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs=None, kl_coef=0.0,
+              clip_range_high=None):
     """PPO clipped-ratio loss (mean over the M entries) plus an optional KL-to-reference penalty.
+
+    The ratio is clipped to [1 - clip_range, 1 + clip_range_high] (clip_range_high None: clip_range, the symmetric
+    PPO clip; a larger clip_range_high is DAPO's "clip higher", which lets low-probability actions grow further).
 
     log_probs, old_log_probs, advantages, ref_log_probs: (M,). The KL term uses the k3 estimator
     `exp(ref - logp) - (ref - logp) - 1` (non-negative, unbiased for KL(policy || reference) under policy samples).
     Returns (loss, stats): stats are detached 0-dim tensors `approx_kl` (0.5 * mean((logp - old)^2)), `clipfrac`
-    (fraction with |ratio - 1| > clip_range), `ratio_mean`, `ratio_min`, `ratio_max`, and `kl` when a reference is given.
+    (fraction of ratios outside the clip interval), `ratio_mean`, `ratio_min`, `ratio_max`, and `kl` when a reference is given.
     """
     dtype = math_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
     log_probs, old_log_probs, advantages, ref_log_probs = _cast(
@@ -158,11 +162,12 @@ def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    low, high = 1.0 - clip_range, 1.0 + (clip_range if clip_range_high is None else clip_range_high)
+    clipped = -advantages * torch.clamp(ratio, low, high)
     loss = torch.maximum(unclipped, clipped).mean()
     stats = {
         "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
-        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).to(dtype).mean(),
+        "clipfrac": ((ratio.detach() < low) | (ratio.detach() > high)).to(dtype).mean(),
         "ratio_mean": ratio.detach().mean(),
         "ratio_min": ratio.detach().min(),
         "ratio_max": ratio.detach().max(),

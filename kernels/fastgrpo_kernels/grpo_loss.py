@@ -1,13 +1,13 @@
 """Triton kernels: PPO clipped-ratio loss with an optional k3 KL-to-reference term, and its backward.
 
-    ratio = exp(logp - old);  loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c, 1 + c)))
+    ratio = exp(logp - old);  loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - c_low, 1 + c_high)))
             + kl_coef * mean(exp(ref - logp) - (ref - logp) - 1)
 
 Forward: one program walks the M entries in BLOCK chunks (M is a micro-batch of samples x steps: small), keeping
 vector accumulators and reducing them once at the end, so the order is fixed. It writes
 stats = [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl].
 Backward: elementwise over M, one launch:
-    d loss / d logp = (-A * ratio * [unclipped >= clipped or ratio inside the range]
+    d loss / d logp = (-A * ratio * [unclipped > clipped or ratio inside [1 - c_low, 1 + c_high]]
                        + kl_coef * (1 - exp(ref - logp))) * grad / M
 """
 
@@ -24,12 +24,13 @@ NUM_STATS = 7
 
 
 @triton.jit
-def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr, n, clip_range, kl_coef, params_ptr,
-                          HAS_REF: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
+def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr, n, clip_low, clip_high, kl_coef,
+                          params_ptr, HAS_REF: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
                           PARAMS_IN_MEMORY: tl.constexpr):
     if PARAMS_IN_MEMORY:  # fp64: float arguments would be rounded to fp32
-        clip_range = tl.load(params_ptr)
-        kl_coef = tl.load(params_ptr + 1)
+        clip_low = tl.load(params_ptr)
+        clip_high = tl.load(params_ptr + 1)
+        kl_coef = tl.load(params_ptr + 2)
     loss = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
     sq_log_ratio = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
     clipped = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
@@ -45,10 +46,10 @@ def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr, n, cli
         adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         ratio = tl.exp(log_ratio)
         unclipped_term = -adv * ratio
-        clipped_term = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_range), 1.0 + clip_range)
+        clipped_term = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
         loss += tl.where(mask, tl.maximum(unclipped_term, clipped_term), 0.0)
         sq_log_ratio += log_ratio * log_ratio
-        clipped += tl.where(mask & (tl.abs(ratio - 1.0) > clip_range), 1.0, 0.0)
+        clipped += tl.where(mask & ((ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)), 1.0, 0.0)
         ratio_sum += tl.where(mask, ratio, 0.0)
         ratio_min = tl.minimum(ratio_min, tl.where(mask, ratio, float("inf")))
         ratio_max = tl.maximum(ratio_max, tl.where(mask, ratio, float("-inf")))
@@ -66,20 +67,21 @@ def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr, n, cli
 
 
 @triton.jit
-def _grpo_loss_bwd_kernel(grad_ptr, logp_ptr, old_ptr, adv_ptr, ref_ptr, grad_logp_ptr, n, clip_range, kl_coef,
-                          params_ptr, HAS_REF: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
+def _grpo_loss_bwd_kernel(grad_ptr, logp_ptr, old_ptr, adv_ptr, ref_ptr, grad_logp_ptr, n, clip_low, clip_high,
+                          kl_coef, params_ptr, HAS_REF: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
                           PARAMS_IN_MEMORY: tl.constexpr):
     if PARAMS_IN_MEMORY:
-        clip_range = tl.load(params_ptr)
-        kl_coef = tl.load(params_ptr + 1)
+        clip_low = tl.load(params_ptr)
+        clip_high = tl.load(params_ptr + 1)
+        kl_coef = tl.load(params_ptr + 2)
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     ratio = tl.exp(logp - tl.load(old_ptr + offs, mask=mask, other=0.0).to(COMPUTE))
     unclipped_term = -adv * ratio
-    clipped_term = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_range), 1.0 + clip_range)
-    inside = (ratio >= 1.0 - clip_range) & (ratio <= 1.0 + clip_range)
+    clipped_term = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    inside = (ratio >= 1.0 - clip_low) & (ratio <= 1.0 + clip_high)
     active = (unclipped_term > clipped_term) | inside
     grad = tl.where(active, -adv * ratio, 0.0)
     if HAS_REF:
@@ -93,29 +95,31 @@ def _compute(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, *, clip_range: float, kl_coef: float,
-                      compute_dtype: torch.dtype) -> torch.Tensor:
+def grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, *, clip_low: float, clip_high: float,
+                      kl_coef: float, compute_dtype: torch.dtype) -> torch.Tensor:
     """Returns the (7,) stats vector [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl]."""
     stats = torch.empty((NUM_STATS,), dtype=compute_dtype, device=log_probs.device)
     tensors = [t.contiguous() for t in (log_probs, old_log_probs, advantages)]
     ref = ref_log_probs.contiguous() if ref_log_probs is not None else tensors[0]
-    params, in_memory = scalar_params([clip_range, kl_coef], compute_dtype, log_probs.device)
+    params, in_memory = scalar_params([clip_low, clip_high, kl_coef], compute_dtype, log_probs.device)
     launch(_grpo_loss_fwd_kernel, (1,), log_probs.device, *tensors, ref, stats, log_probs.shape[0],
-           float(clip_range), float(kl_coef), params if in_memory else stats, HAS_REF=ref_log_probs is not None,
+           float(clip_low), float(clip_high), float(kl_coef), params if in_memory else stats,
+           HAS_REF=ref_log_probs is not None,
            BLOCK_SIZE=BLOCK, COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
     return stats
 
 
-def grpo_loss_backward(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, *, clip_range: float,
-                       kl_coef: float, compute_dtype: torch.dtype) -> torch.Tensor:
+def grpo_loss_backward(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, *, clip_low: float,
+                       clip_high: float, kl_coef: float, compute_dtype: torch.dtype) -> torch.Tensor:
     """d loss / d log_probs (M,) given the upstream scalar gradient grad_loss (0-dim)."""
     n = log_probs.shape[0]
     grad_logp = torch.empty((n,), dtype=compute_dtype, device=log_probs.device)
     tensors = [t.contiguous() for t in (log_probs, old_log_probs, advantages)]
     ref = ref_log_probs.contiguous() if ref_log_probs is not None else tensors[0]
-    params, in_memory = scalar_params([clip_range, kl_coef], compute_dtype, log_probs.device)
+    params, in_memory = scalar_params([clip_low, clip_high, kl_coef], compute_dtype, log_probs.device)
     launch(_grpo_loss_bwd_kernel, (triton.cdiv(n, BLOCK),), log_probs.device,
-        grad_loss.reshape(1).contiguous(), *tensors, ref, grad_logp, n, float(clip_range), float(kl_coef),
+        grad_loss.reshape(1).contiguous(), *tensors, ref, grad_logp, n, float(clip_low), float(clip_high),
+        float(kl_coef),
         params if in_memory else grad_logp, HAS_REF=ref_log_probs is not None, BLOCK_SIZE=BLOCK,
         COMPUTE=_compute(compute_dtype), PARAMS_IN_MEMORY=in_memory)
     return grad_logp
