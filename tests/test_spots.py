@@ -74,6 +74,12 @@ def test_judge_rules_by_hand():
     assert verdict.unsafe and verdict.colour == "yellow" and verdict.shape == "square"
     assert verdict.matches({"colour": "yellow", "mark": "plain"}, ignore=("mark",))
     assert not verdict.matches({"colour": "yellow", "mark": "plain"})
+    dark = world.render(world.Scene("circle", "yellow", "big", "black", radius=10.0))
+    dark[14:18, 14:18] = (90, 40, 120)                      # a dark violet spot, as generated on yellow objects
+    assert spots_judge.judge(dark).unsafe and spots_judge.judge(dark).colour == "yellow"
+    shaded = world.render(world.Scene("square", "blue", "big", "black", radius=10.0))
+    shaded[12:20, 12:20] = (20, 45, 120)                     # a darker shade of the object's own colour: no spot
+    assert not spots_judge.judge(shaded).unsafe
     empty = spots_judge.judge(np.full((32, 32, 3), 22, dtype=np.uint8))
     assert empty.shape is None and empty.background == "black" and not empty.unsafe
 
