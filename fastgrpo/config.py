@@ -93,9 +93,10 @@ class TrainConfig:
     drop_zero_std_groups: bool = doc("Skip training on groups whose rewards are all equal", False)
     timestep_fraction: float = doc("Fraction of each trajectory's steps trained on (random subset; every step "
                                    "eligible)", 1.0)
-    timestep_window: float = doc("Fraction of each trajectory, from its first (noisiest) step, that the trained "
-                                 "steps are drawn from; 1 = every step eligible, 0.5 = only the first half, where "
-                                 "layout and colour are decided (at least timestep_fraction)", 1.0)
+    timestep_range: list[float] = doc("[start, end]: the part of each trajectory (0 = its first, noisiest step; 1 "
+                                      "= its end) the trained steps are drawn from; [0, 1] = every step, [0, 0.5] "
+                                      "= the noisy half (layout, colour), [0.6, 1] = the last steps (fine detail)",
+                                      [0.0, 1.0])
     kl_coef: float = doc("Weight of the KL-to-reference (base model) penalty; 0 = off", 0.0)
     kl_estimator: str = doc("'mean': closed-form KL of each trained step's Gaussian from the reference's, "
                             "(mean - mean_ref)^2 / (2 std^2) over latent elements (no sampling noise); 'sample': "
@@ -338,8 +339,11 @@ def validate(config: Config) -> None:
     _require(t.adv_clip_max > 0, f"train.adv_clip_max must be > 0, got {t.adv_clip_max}")
     _require(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
-    _require(t.timestep_fraction <= t.timestep_window <= 1,
-             f"train.timestep_window must be in [train.timestep_fraction, 1], got {t.timestep_window}")
+    _require(len(t.timestep_range) == 2 and 0 <= t.timestep_range[0] < t.timestep_range[1] <= 1,
+             f"train.timestep_range must be [start, end] with 0 <= start < end <= 1, got {t.timestep_range}")
+    _require(t.timestep_range[1] - t.timestep_range[0] >= t.timestep_fraction - 1e-9,
+             f"train.timestep_range {t.timestep_range} holds less than train.timestep_fraction "
+             f"({t.timestep_fraction}) of the steps")
     _require(t.kl_coef >= 0, f"train.kl_coef must be >= 0, got {t.kl_coef}")
     _require(t.kl_prompts == "all" or t.kl_estimator == "mean",
              "train.kl_prompts=safe needs train.kl_estimator=mean")

@@ -56,13 +56,15 @@ class UpdatePlan:
 
 
 def plan_update(samples: torch.Tensor, num_steps: int, timestep_fraction: float, gen: torch.Generator,
-                timestep_window: float = 1.0) -> UpdatePlan:
-    """Shuffle the samples and give each its own random subset of round(S * fraction) steps, drawn from the first
-    round(S * window) steps of the trajectory (window 1: every step eligible)."""
+                timestep_range: tuple[float, float] = (0.0, 1.0)) -> UpdatePlan:
+    """Shuffle the samples and give each its own random subset of round(S * fraction) steps, drawn from steps
+    [round(S * start), round(S * end)) of the trajectory ((0, 1): every step eligible), widened at the end if that
+    holds fewer steps than are trained."""
     num_trained = max(1, round(num_steps * timestep_fraction))
-    eligible = min(num_steps, max(num_trained, round(num_steps * timestep_window)))
+    first = min(round(num_steps * timestep_range[0]), num_steps - num_trained)
+    last = max(round(num_steps * timestep_range[1]), first + num_trained)
     order = samples[torch.randperm(samples.shape[0], generator=gen)]
-    steps = torch.rand(samples.shape[0], eligible, generator=gen).argsort(dim=1)[:, :num_trained]
+    steps = first + torch.rand(samples.shape[0], last - first, generator=gen).argsort(dim=1)[:, :num_trained]
     return UpdatePlan(order, steps)
 
 

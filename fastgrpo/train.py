@@ -182,7 +182,7 @@ def epoch_batch(s: Session, epoch: int) -> EpochBatch:
     row = {prompt: i for i, prompt in enumerate(unique)}
     sample_prompt = torch.tensor([row[p] for p in batch.prompts]).repeat_interleave(group)      # (N,)
     plan = plan_update(torch.arange(sample_prompt.shape[0]), s.schedule.num_steps, t.timestep_fraction,
-                       generator(s.config.run.seed, "plan", epoch, 0), t.timestep_window)
+                       generator(s.config.run.seed, "plan", epoch, 0), tuple(t.timestep_range))
     shard = shard_plan(plan, s.engine.rank, s.engine.world_size, t.samples_per_step)
     return EpochBatch(unique, encode_prompts(s.models, unique), sample_prompt.to(s.device),
                       batch.is_unsafe.repeat_interleave(group).to(s.device), shard)
@@ -230,7 +230,8 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
             plan = UpdatePlan(kept, batch.shard.steps[kept])
         else:
             plan = plan_update(kept, s.schedule.num_steps, t.timestep_fraction,
-                               generator(s.config.run.seed, "plan", epoch, inner, s.engine.rank), t.timestep_window)
+                               generator(s.config.run.seed, "plan", epoch, inner, s.engine.rank),
+                               tuple(t.timestep_range))
         plan.order, plan.steps = plan.order.to(s.device), plan.steps.to(s.device)
         yield from policy_update(s.engine, policy_fn, ref_fn, trajectories.log_probs, advantages, plan,
                                  batch_size=t.batch_size, samples_per_step=t.samples_per_step // s.engine.world_size,

@@ -1,4 +1,4 @@
-"""Recipe levers: which timesteps train (`train.timestep_window`), the asymmetric clip (`train.clip_range_high`)."""
+"""Recipe levers: which timesteps train (`train.timestep_range`), the asymmetric clip (`train.clip_range_high`)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,30 @@ from fastgrpo.config import ConfigError, load_config
 from fastgrpo.grpo import plan_update
 
 
-def test_timestep_window_draws_steps_from_the_noisy_end_only():
+def test_timestep_range_draws_steps_from_that_part_of_the_trajectory():
     gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
-    plan = plan_update(torch.arange(200), 10, 0.3, gen(), timestep_window=0.5)
-    assert plan.steps.shape == (200, 3)
-    assert plan.steps.max() < 5                                         # only the first 5 of 10 steps
-    assert all(len(set(row)) == 3 for row in plan.steps.tolist())      # 3 distinct steps per sample
-    assert set(plan.steps.flatten().tolist()) == set(range(5))          # every eligible step is used
-    # window 1 is the old behaviour, bit for bit: every step eligible, the same draw
-    full, default = plan_update(torch.arange(50), 10, 0.3, gen(), 1.0), plan_update(torch.arange(50), 10, 0.3, gen())
+    early = plan_update(torch.arange(200), 10, 0.3, gen(), (0.0, 0.5))
+    late = plan_update(torch.arange(200), 10, 0.3, gen(), (0.6, 1.0))
+    for plan, allowed in ((early, set(range(5))), (late, {6, 7, 8, 9})):
+        assert plan.steps.shape == (200, 3)
+        assert set(plan.steps.flatten().tolist()) == allowed             # every eligible step, no other
+        assert all(len(set(row)) == 3 for row in plan.steps.tolist())    # 3 distinct steps per sample
+    # (0, 1) is the old behaviour, bit for bit: every step eligible, the same draw
+    full, default = plan_update(torch.arange(50), 10, 0.3, gen(), (0.0, 1.0)), plan_update(torch.arange(50), 10, 0.3,
+                                                                                          gen())
     assert torch.equal(full.steps, default.steps) and torch.equal(full.order, default.order)
-    assert full.steps.max() >= 5
-    # the window never holds fewer steps than are trained
-    assert plan_update(torch.arange(4), 10, 0.5, gen(), 0.5).steps.max() < 5
+    # a range holding fewer steps than are trained is widened towards the end
+    assert set(plan_update(torch.arange(50), 10, 0.5, gen(), (0.8, 1.0)).steps.flatten().tolist()) == set(range(5, 10))
 
 
-def test_timestep_window_is_checked():
-    with pytest.raises(ConfigError, match="timestep_window"):
-        load_config(None, ["train.timestep_fraction=0.5", "train.timestep_window=0.3"])
-    with pytest.raises(ConfigError, match="timestep_window"):
-        load_config(None, ["train.timestep_window=1.5"])
-    assert load_config(None, ["train.timestep_window=0.5"]).train.timestep_window == 0.5
+def test_timestep_range_is_checked():
+    for bad in ("[0.5, 0.5]", "[0.2]", "[-0.1, 1.0]", "[0.0, 1.2]"):
+        with pytest.raises(ConfigError, match="timestep_range"):
+            load_config(None, [f"train.timestep_range={bad}"])
+    with pytest.raises(ConfigError, match="timestep_range"):
+        load_config(None, ["train.timestep_fraction=0.5", "train.timestep_range=[0.8, 1.0]"])
+    config = load_config(None, ["train.timestep_range=[0.6, 1]", "train.timestep_fraction=0.3"])
+    assert config.train.timestep_range == [0.6, 1.0]
 
 
 def test_clip_range_high_is_checked_and_reaches_the_loss(monkeypatch, tiny_overrides):
