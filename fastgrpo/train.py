@@ -215,7 +215,8 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
     if reference is not None and t.kl_estimator == "mean":
         policy_fn = log_probs_under(s.unet, reference)
         if t.kl_prompts == "safe":  # the KL of unsafe prompts' samples is zeroed (and so is its gradient)
-            weight, full_fn = (~batch.is_unsafe).float(), policy_fn
+            # `samples` are rows of this rank's trajectories, which are in shard order: read the mask that way
+            weight, full_fn = (~batch.is_unsafe[batch.shard.order.to(batch.is_unsafe.device)]).float(), policy_fn
 
             def policy_fn(samples, steps):
                 log_probs, kl = full_fn(samples, steps)

@@ -174,3 +174,42 @@ def test_xformers_falls_back_to_sdpa_with_a_notice(tiny_pipeline_dir, capsys):
     notice = capsys.readouterr().err.strip().splitlines()
     assert len(notice) == 1 and "xformers attention unavailable" in notice[0] and "SDPA" in notice[0]
     assert models.unet.is_gradient_checkpointing
+
+
+def test_safe_only_kl_falls_on_exactly_the_safe_prompts_samples(monkeypatch, tiny_overrides, prompt_files):
+    """train.kl_prompts=safe: every trained sample of a safe prompt carries its KL, every unsafe prompt's sample
+    none. Samples are stored in the shuffled plan order, so the safe mask must be read in that order too."""
+    from fastgrpo import train as train_module
+    from fastgrpo.prompts import load_prompts
+
+    unsafe_texts = set(load_prompts(str(prompt_files[1])))
+    epoch_texts, rows_seen = {}, []
+    real_encode, real_recompute, real_update = (train_module.encode_prompts, train_module.recompute_log_probs,
+                                                train_module.policy_update)
+
+    def encode(models, prompts):
+        epoch_texts["texts"] = list(prompts)
+        return real_encode(models, prompts)
+
+    def recompute(unet, trajectories, prompt_embeds, *args, **kwargs):
+        log_probs, kl = real_recompute(unet, trajectories, prompt_embeds, *args, **kwargs)
+        samples = args[3]
+        unsafe = torch.tensor([epoch_texts["texts"][i] in unsafe_texts
+                               for i in trajectories.prompt_index[samples].tolist()])
+        return log_probs, (kl if kl is None else torch.where(unsafe, 1.0, 2.0).to(kl))  # marks each row's kind
+
+    def update(engine, policy_fn, *args, **kwargs):
+        def recording(samples, steps):
+            log_probs, kl = policy_fn(samples, steps)
+            rows_seen.append(kl.detach().clone())
+            return log_probs, kl
+        return real_update(engine, recording, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "encode_prompts", encode)
+    monkeypatch.setattr(train_module, "recompute_log_probs", recompute)
+    monkeypatch.setattr(train_module, "policy_update", update)
+    train(load_config("smoke", tiny_overrides + ["run.epochs=2", "train.kl_coef=0.1", "train.kl_prompts=safe",
+                                                 "data.unsafe_fraction=0.5"]))
+    values = torch.cat(rows_seen)
+    # a safe sample keeps its marker (2), an unsafe one is weighted to 0; never 1 (an unsafe sample's KL kept)
+    assert set(values.tolist()) == {0.0, 2.0}
