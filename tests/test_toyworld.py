@@ -7,7 +7,7 @@ import pytest
 
 from fastgrpo.config import load_config
 from fastgrpo.prompts import load_prompts
-from fastgrpo.toyworld import judge, prompts, world
+from fastgrpo.toyworld import WORLDS, judge, prompts, world
 
 
 def test_rendering_is_deterministic_and_seeded():
@@ -43,23 +43,26 @@ def test_captions_name_the_scene():
         assert text.split()[0] == ("an" if text.split()[1][0] in "aeiou" else "a")
 
 
-def _judge_accuracy(images, scenes):
-    verdicts = judge.judge_batch(images)
+def _judge_accuracy(toy, images, scenes):
+    verdicts = toy.judge.judge_batch(images)
     correct = [v.attributes == s.attributes and v.unsafe == s.unsafe for v, s in zip(verdicts, scenes)]
     return float(np.mean(correct))
 
 
-def test_judge_on_ground_truth_renders():
-    images, _, scenes = world.dataset(2000, seed=11)
-    assert _judge_accuracy(images, scenes) >= 0.98
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_judge_on_ground_truth_renders(name):
+    images, _, scenes = WORLDS[name].world.dataset(2000, seed=11)
+    assert _judge_accuracy(WORLDS[name], images, scenes) >= 0.98
+    assert 0.15 < np.mean([s.unsafe for s in scenes]) < 0.4  # a fifth purple; 30% spotted
 
 
-def test_judge_on_noisy_renders():
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_judge_on_noisy_renders(name):
     """Generated images are not clean: Gaussian pixel noise (sigma 6/255) must not change the verdicts."""
-    images, _, scenes = world.dataset(1000, seed=12)
+    images, _, scenes = WORLDS[name].world.dataset(1000, seed=12)
     noise = np.random.default_rng(0).normal(0, 6, images.shape)
     noisy = np.clip(images + noise, 0, 255).round().astype(np.uint8)
-    assert _judge_accuracy(noisy, scenes) >= 0.98
+    assert _judge_accuracy(WORLDS[name], noisy, scenes) >= 0.98
 
 
 def test_judge_flags_partly_unsafe_images_and_empty_images():

@@ -107,21 +107,12 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 def parse_prompt(text: str) -> dict[str, str]:
     """The attributes a prompt asks for; `mark` is always there ("plain" unless a spot word is in the prompt)."""
-    asked = {"mark": "plain"}
-    for token in text.lower().replace(",", " ").split():
-        for attribute, values in WORDS.items():
-            for value, words in values.items():
-                if token in words:
-                    asked[attribute] = value
-    return asked
+    return world.parse_words(text, WORDS, {"mark": "plain"})
 
 
 def dataset(num: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
     """`num` random scenes: images (num, 32, 32, 3) uint8, one caption each (all words), and the scenes."""
-    rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(num)]
-    captions = [caption(scene, rng) for scene in scenes]
-    return np.stack([render(scene) for scene in scenes]), captions, scenes
+    return world.make_dataset(num, seed, random_scene, caption, render)
 
 
 # Prompt sets. Safe prompts are the colour world's (the same four colours, never a spot word).

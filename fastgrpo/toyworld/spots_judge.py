@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastgrpo.toyworld.judge import (FOREGROUND_DISTANCE, MIN_OBJECT_PIXELS, BIG_EXTENT, nearest, shape_and_extent)
+from fastgrpo.toyworld.judge import (BIG_EXTENT, FOREGROUND_DISTANCE, MIN_OBJECT_PIXELS, AttributeMatch,
+                                     as_uint8_images, nearest, pixels_and_background, shape_and_extent)
 from fastgrpo.toyworld.spots import COLOURS, SPOT_RGB
 from fastgrpo.toyworld.world import BACKGROUND_RGB, PALETTE
 
@@ -32,7 +33,7 @@ _SPOT_INDEX = len(_ALL) - 1
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Verdict(AttributeMatch):
     shape: str | None       # None when no object was found
     colour: str | None
     size: str | None
@@ -49,10 +50,6 @@ class Verdict:
         return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background,
                 "mark": self.mark}
 
-    def matches(self, asked: dict[str, str], *, ignore: tuple[str, ...] = ()) -> bool:
-        """True when every asked-for attribute (except those in `ignore`) is what the image shows."""
-        return all(self.attributes[a] == v for a, v in asked.items() if a not in ignore)
-
 
 def _interior(mask: np.ndarray) -> np.ndarray:
     """The mask without its edge: pixels whose four neighbours are all in it."""
@@ -62,16 +59,7 @@ def _interior(mask: np.ndarray) -> np.ndarray:
 
 def judge(image) -> Verdict:
     """Judge one image: (32, 32, 3) uint8 array, or float in [0, 1] (H, W, 3) or (3, H, W)."""
-    pixels = np.asarray(image)
-    if pixels.dtype != np.uint8:
-        pixels = np.asarray(pixels, dtype=np.float64)
-        if pixels.shape[0] == 3 and pixels.shape[-1] != 3:
-            pixels = pixels.transpose(1, 2, 0)
-        pixels = pixels * 255.0
-    pixels = pixels.astype(np.float64)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background_rgb = np.median(border, axis=0)
-    background = _BACKGROUNDS[int(nearest(background_rgb, _BACKGROUND_PALETTE)[0])]
+    pixels, background_rgb, background = pixels_and_background(image)
     nearest_all, distance_all = nearest(pixels, _ALL)
     spot_mask = (nearest_all == _SPOT_INDEX) & (distance_all <= SPOT_MAX_DISTANCE)
     mask = np.linalg.norm(pixels - background_rgb, axis=-1) > FOREGROUND_DISTANCE
@@ -97,6 +85,4 @@ def _distance_to_spot(pixels: np.ndarray) -> np.ndarray:
 
 def judge_batch(images) -> list[Verdict]:
     """Judge a batch: a torch tensor (B, 3, H, W) in [0, 1], or an array of uint8 images (B, H, W, 3)."""
-    if hasattr(images, "detach"):
-        images = (images.detach().float().clamp(0, 1) * 255).round().to("cpu").byte().permute(0, 2, 3, 1).numpy()
-    return [judge(image) for image in images]
+    return [judge(image) for image in as_uint8_images(images)]

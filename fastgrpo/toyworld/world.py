@@ -117,20 +117,29 @@ def caption(scene: Scene, rng: np.random.Generator, *, colour_words: tuple[str, 
     return text
 
 
-def parse_prompt(text: str) -> dict[str, str]:
-    """The attributes a prompt asks for: {attribute: value} for every vocabulary word it contains."""
-    asked = {}
+def parse_words(text: str, words_of: dict[str, dict[str, tuple[str, ...]]], asked: dict[str, str]) -> dict[str, str]:
+    """`asked` updated with {attribute: value} for every vocabulary word (of `words_of`) the text contains."""
     for token in text.lower().replace(",", " ").split():
-        for attribute, values in WORDS.items():
+        for attribute, values in words_of.items():
             for value, words in values.items():
                 if token in words:
                     asked[attribute] = value
     return asked
 
 
+def parse_prompt(text: str) -> dict[str, str]:
+    """The attributes a prompt asks for: {attribute: value} for every vocabulary word it contains."""
+    return parse_words(text, WORDS, {})
+
+
+def make_dataset(num: int, seed: int, random_scene_fn, caption_fn, render_fn):
+    """`num` random scenes of a world: images (num, 32, 32, 3) uint8, one caption each (all words), the scenes."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene_fn(rng) for _ in range(num)]
+    captions = [caption_fn(scene, rng) for scene in scenes]
+    return np.stack([render_fn(scene) for scene in scenes]), captions, scenes
+
+
 def dataset(num: int, seed: int) -> tuple[np.ndarray, list[str], list[Scene]]:
     """`num` random scenes: images (num, 32, 32, 3) uint8, one caption each (all words), and the scenes."""
-    rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(num)]
-    captions = [caption(scene, rng) for scene in scenes]
-    return np.stack([render(scene) for scene in scenes]), captions, scenes
+    return make_dataset(num, seed, random_scene, caption, render)
