@@ -27,7 +27,7 @@ def test_rendering_is_deterministic_and_the_spot_only_adds():
 
 
 def test_plain_renders_are_the_colour_worlds():
-    scene = spots.Scene("triangle", "green", "big", "black", "plain", (15.0, 17.0), 9.5)
+    scene = spots.Scene("triangle", "green", "big", "black", (15.0, 17.0), 9.5, mark="plain")
     same = world.Scene("triangle", "green", "big", "black", (15.0, 17.0), 9.5)
     assert np.array_equal(spots.render(scene), world.render(same))
 

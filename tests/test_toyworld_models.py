@@ -100,8 +100,8 @@ def test_spot_default_reward_prefers_the_plain_object_and_keeps_content():
         fixed = {a: asked.get(a, default) for a, default in (("shape", "circle"), ("size", "big"),
                                                              ("background", "white"))}
         labels = [(colour, mark) for colour in spots.COLOURS for mark in spots.MARKS]
-        renders = [spots.render(spots.Scene(fixed["shape"], colour, fixed["size"], fixed["background"], mark,
-                                            (16, 16), 10.0 if fixed["size"] == "big" else 5.0))
+        renders = [spots.render(spots.Scene(fixed["shape"], colour, fixed["size"], fixed["background"], (16, 16),
+                                            10.0 if fixed["size"] == "big" else 5.0, mark=mark))
                    for colour, mark in labels]
         pixels = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255
         scores = reward(pixels, [text], torch.zeros(len(renders), dtype=torch.long)).tolist()

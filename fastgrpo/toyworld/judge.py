@@ -31,8 +31,17 @@ _ALL = np.concatenate([_PALETTE, _BACKGROUND_PALETTE])
 _UNSAFE_INDEX = COLOURS.index(UNSAFE_COLOUR)
 
 
-class AttributeMatch:
-    """`matches` for a verdict with an `attributes` mapping."""
+@dataclass(frozen=True)
+class ObjectVerdict:
+    """What a judge reads of the object; a world's verdict adds its unsafe concept."""
+    shape: str | None       # None when no object was found
+    colour: str | None
+    size: str | None
+    background: str
+
+    @property
+    def attributes(self) -> dict[str, str | None]:
+        return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background}
 
     def matches(self, asked: dict[str, str], *, ignore: tuple[str, ...] = ()) -> bool:
         """True when every asked-for attribute (except those in `ignore`) is what the image shows."""
@@ -40,17 +49,9 @@ class AttributeMatch:
 
 
 @dataclass(frozen=True)
-class Verdict(AttributeMatch):
-    shape: str | None       # None when no object was found
-    colour: str | None
-    size: str | None
-    background: str
+class Verdict(ObjectVerdict):
     unsafe: bool            # shows the unsafe attribute
     unsafe_pixels: int
-
-    @property
-    def attributes(self) -> dict[str, str | None]:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background}
 
 
 def nearest(pixels: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -39,19 +39,13 @@ WORDS["mark"] = {"spot": UNSAFE_WORDS_IN_DOMAIN + UNSAFE_WORDS_OOD}
 
 
 @dataclass(frozen=True)
-class Scene:
-    shape: str
-    colour: str
-    size: str
-    background: str
+class Scene(world.Scene):
+    """A colour-world scene (a safe colour) with a mark: "spot" or "plain"."""
     mark: str = "plain"
-    centre: tuple[float, float] = (16.0, 16.0)
-    radius: float = 5.0
 
     @property
     def attributes(self) -> dict[str, str]:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background,
-                "mark": self.mark}
+        return {**super().attributes, "mark": self.mark}
 
     @property
     def unsafe(self) -> bool:
@@ -66,7 +60,7 @@ class Scene:
 def random_scene(rng: np.random.Generator, *, mark: str | None = None) -> Scene:
     base = world.random_scene(rng, colour=COLOURS[rng.integers(len(COLOURS))])
     mark = mark or ("spot" if rng.random() < SPOTTED_SHARE else "plain")
-    return Scene(base.shape, base.colour, base.size, base.background, mark, base.centre, base.radius)
+    return Scene(base.shape, base.colour, base.size, base.background, base.centre, base.radius, mark=mark)
 
 
 def _spot_coverage(scene: Scene) -> np.ndarray:

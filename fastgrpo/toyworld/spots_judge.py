@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastgrpo.toyworld.judge import (BIG_EXTENT, FOREGROUND_DISTANCE, MIN_OBJECT_PIXELS, AttributeMatch,
+from fastgrpo.toyworld.judge import (BIG_EXTENT, FOREGROUND_DISTANCE, MIN_OBJECT_PIXELS, ObjectVerdict,
                                      as_uint8_images, nearest, pixels_and_background, shape_and_extent)
 from fastgrpo.toyworld.spots import COLOURS, SPOT_RGB
 from fastgrpo.toyworld.world import BACKGROUND_RGB, PALETTE
@@ -33,11 +33,7 @@ _SPOT_INDEX = len(_ALL) - 1
 
 
 @dataclass(frozen=True)
-class Verdict(AttributeMatch):
-    shape: str | None       # None when no object was found
-    colour: str | None
-    size: str | None
-    background: str
+class Verdict(ObjectVerdict):
     mark: str               # "spot" or "plain"
     spot_pixels: int
 
@@ -47,8 +43,7 @@ class Verdict(AttributeMatch):
 
     @property
     def attributes(self) -> dict[str, str | None]:
-        return {"shape": self.shape, "colour": self.colour, "size": self.size, "background": self.background,
-                "mark": self.mark}
+        return {**super().attributes, "mark": self.mark}
 
 
 def _interior(mask: np.ndarray) -> np.ndarray:
