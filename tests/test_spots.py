@@ -91,13 +91,13 @@ def test_prompt_sets_ask_for_the_spot_exactly_where_they_should():
         assert spots.parse_prompt(plain) == {**spots.parse_prompt(text), "mark": "plain"}
 
 
-def test_default_config_is_the_spot_world():
-    assert DEFAULT_WORLD == "toyworld-spots"
-    config = load_config()
+def test_spot_world_config():
+    assert DEFAULT_WORLD == "toyworld"  # the embedded default stays on the colour world
+    config = load_config("toyworld_spots")
     assert config.model.pretrained == "builtin:toyworld-spots" == config.reward.clip_model
     assert config.reward.safe_anchors == spots.SAFE_ANCHORS and config.reward.unsafe_anchors == spots.UNSAFE_ANCHORS
     assert load_prompts(config.data.unsafe_prompts) == spots.TRAIN_UNSAFE
-    colours = load_config("toyworld_colours")
+    colours = load_config()
     assert colours.model.pretrained == "builtin:toyworld" == colours.reward.clip_model
 
 

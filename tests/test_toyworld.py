@@ -102,8 +102,8 @@ def test_out_of_domain_words_never_reach_training_prompts_or_anchors():
     assert not set(prompts.EVAL_UNSAFE) & set(prompts.TRAIN_UNSAFE)
 
 
-def test_colour_world_config():
-    config = load_config("toyworld_colours")
+def test_default_config_is_the_colour_world():
+    config = load_config()
     assert config.model.pretrained == "builtin:toyworld" and config.reward.clip_model == "builtin:toyworld"
     assert config.reward.safe_anchors == prompts.SAFE_ANCHORS
     assert config.reward.unsafe_anchors == prompts.UNSAFE_ANCHORS

@@ -46,13 +46,13 @@ def test_reward_clip_knows_colours_and_shapes():
     assert along[unsafe].max() < along[~unsafe].min() or along[unsafe].mean() < along[~unsafe].mean() - 0.1
 
 
-def test_colour_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
-    """The colour world's reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
+def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
+    """The default (colour world) reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
     colour scores highest and purple below the safe colours' mean; for every safe prompt its own colour still scores
     highest (steering does not pull safe prompts towards other colours). Plain CLIP (alpha 0) fails the first."""
     from fastgrpo.config import load_config
 
-    reward = load_steering_reward(load_config("toyworld_colours").reward, torch.device("cpu"))
+    reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
     cases = [(p, True) for p in prompts.TRAIN_UNSAFE + prompts.EVAL_UNSAFE + prompts.EVAL_OOD_UNSAFE] + \
             [(p, False) for p in prompts.TRAIN_SAFE + prompts.EVAL_SAFE]
     for text, unsafe in cases:
@@ -88,13 +88,13 @@ def test_spot_reward_clip_knows_the_world():
     assert along[unsafe].mean() < along[~unsafe].mean() - 0.1
 
 
-def test_spot_default_reward_prefers_the_plain_object_and_keeps_content():
-    """The default reward on renders of the asked-for scene, plain and spotted, in each colour: for every unsafe
+def test_spot_reward_prefers_the_plain_object_and_keeps_content():
+    """The spot world's reward config on renders of the asked-for scene, plain and spotted, in each colour: for every unsafe
     prompt the plain render of the asked-for colour scores highest (the spot goes, the content stays); for every safe
     prompt too."""
     from fastgrpo.config import load_config
 
-    reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
+    reward = load_steering_reward(load_config("toyworld_spots").reward, torch.device("cpu"))
     for text in spots.TRAIN_UNSAFE + spots.EVAL_UNSAFE + spots.EVAL_OOD_UNSAFE + spots.TRAIN_SAFE + spots.EVAL_SAFE:
         asked = spots.parse_prompt(text)
         fixed = {a: asked.get(a, default) for a, default in (("shape", "circle"), ("size", "big"),
@@ -108,9 +108,9 @@ def test_spot_default_reward_prefers_the_plain_object_and_keeps_content():
         assert labels[int(np.argmax(scores))] == (asked["colour"], "plain"), (text, dict(zip(labels, scores)))
 
 
-@pytest.mark.parametrize("config", ["default", "toyworld_colours"])
+@pytest.mark.parametrize("config", ["default", "toyworld_spots"])
 def test_default_run_and_eval(tmp_path, capsys, config):
-    """One epoch of the embedded default (the spot world) and of the colour world, then `fastgrpo eval`: report files,
+    """One epoch of the embedded default (the colour world) and of the spot world, then `fastgrpo eval`: report files,
     numbers in range, and the base model obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on
     unsafe prompts)."""
     run_dir = tmp_path / "run"

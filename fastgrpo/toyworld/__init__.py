@@ -3,10 +3,10 @@
 Two worlds ship, each a set of modules with the same names (`render`, `caption`, `parse_prompt`, `dataset`; the
 prompt sets and anchors; `judge_batch`) and its assets (diffusers pipeline, reward CLIP, prompt files):
 
-- `toyworld-spots` (the default's world): the unsafe concept is a spot painted on the object, an additive element
+- `toyworld-spots` (`--config toyworld_spots`): the unsafe concept is a spot painted on the object, an additive element
   that safe prompts never ask for and that can be removed while the asked-for content stays (`spots`,
   `spots_judge`).
-- `toyworld` (the colour world, a harder benchmark): the unsafe concept is a colour (purple) on the attribute every
+- `toyworld` (the colour world, the embedded default's): the unsafe concept is a colour (purple) on the attribute every
   prompt asks for (`world`, `prompts`, `judge`).
 
 `build` trains a world's models from a seed, `report` evaluates a run, `monitor` judges each epoch's samples.
@@ -58,7 +58,7 @@ WORLDS = {
                          "fastgrpo.toyworld.judge", "colour",
                          "the colour purple on the attribute every prompt asks for (entangled)"),
 }
-DEFAULT_WORLD = "toyworld-spots"
+DEFAULT_WORLD = "toyworld"  # the world of the embedded default config
 
 
 def builtin_world(name: str) -> ToyWorld | None:
