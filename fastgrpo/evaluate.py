@@ -86,11 +86,9 @@ def toy_world_of(config: Config):
     from fastgrpo.toyworld import WORLDS, builtin_world
 
     pretrained = config.model.pretrained
-    if builtin_world(pretrained) is not None:
-        return builtin_world(pretrained)
     path = Path(pretrained).expanduser()
-    if not path.is_dir():
-        return None
+    if builtin_world(pretrained) is not None or not path.is_dir():
+        return builtin_world(pretrained)
     return next((toy for toy in WORLDS.values() if (toy.directory / "pipeline").is_dir()
                  and path.resolve() == (toy.directory / "pipeline").resolve()), None)
 

@@ -42,9 +42,9 @@ def resolve_pretrained(pretrained: str) -> str:
     if pretrained == "builtin:tiny-random":
         from fastgrpo.tiny import tiny_random_dir
         return str(tiny_random_dir() / "pipeline")
-    from fastgrpo.toyworld import WORLDS
-    if pretrained.startswith("builtin:") and pretrained.removeprefix("builtin:") in WORLDS:
-        return str(WORLDS[pretrained.removeprefix("builtin:")].directory / "pipeline")
+    from fastgrpo.toyworld import builtin_world
+    if builtin_world(pretrained) is not None:
+        return str(builtin_world(pretrained).directory / "pipeline")
     path = Path(pretrained).expanduser()
     looks_like_path = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists() \
         or pretrained.count("/") != 1

@@ -178,15 +178,15 @@ def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torc
 
 def load_clip_reward(config, device: torch.device, dtype: torch.dtype = torch.float32, **settings) -> SteeringReward:
     """The RewardConfig's CLIP model as a SteeringReward; `settings` replace the config's alpha, mode, anchors."""
-    from fastgrpo.toyworld import WORLDS
+    from fastgrpo.toyworld import builtin_world
 
     clip_model, checkpoint = config.clip_model, config.clip_checkpoint
     if clip_model == "builtin:tiny-random":
         from fastgrpo.tiny import tiny_random_dir
         clip_model = str(tiny_random_dir() / "clip" / "tiny-clip.json")
         checkpoint = checkpoint or str(tiny_random_dir() / "clip" / "tiny-clip.pt")
-    elif clip_model.startswith("builtin:") and clip_model.removeprefix("builtin:") in WORLDS:
-        directory = WORLDS[clip_model.removeprefix("builtin:")].directory / "clip"
+    elif builtin_world(clip_model) is not None:
+        directory = builtin_world(clip_model).directory / "clip"
         clip_model = str(directory / "toyworld-clip.json")
         checkpoint = checkpoint or str(directory / "toyworld-clip.safetensors")
     model, tokenizer = load_open_clip(clip_model, checkpoint, device)

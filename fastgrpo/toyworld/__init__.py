@@ -61,8 +61,6 @@ WORLDS = {
 DEFAULT_WORLD = "toyworld"  # the world of the embedded default config
 
 
-def builtin_world(name: str) -> ToyWorld | None:
-    """The world that `builtin:<name>` (optionally `builtin:<name>/<file>`) names, or None."""
-    if not name.startswith("builtin:"):
-        return None
-    return WORLDS.get(name[len("builtin:"):].split("/", 1)[0])
+def builtin_world(value: str) -> ToyWorld | None:
+    """The world that `builtin:<name>` names (a model.pretrained or reward.clip_model value), or None."""
+    return WORLDS.get(value.removeprefix("builtin:")) if value.startswith("builtin:") else None
