@@ -3,7 +3,7 @@
     python bench/tune_triton.py [--shape 16 4 64 64]
 
 Prints median microseconds and GB/s per BLOCK for the log-prob forward and backward; put the winner in
-kernels/fastgrpo_kernels/ddim_logprob.py. Needs CUDA (the interpreter says nothing about GPU speed).
+kernels/fastgrpo_kernels/step_logprob.py. Needs CUDA (the interpreter says nothing about GPU speed).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("tune_triton: needs a CUDA device", file=sys.stderr)
         return 2
-    import fastgrpo_kernels.ddim_logprob as kernel_module
+    import fastgrpo_kernels.step_logprob as kernel_module
     from fastgrpo import ops
     from triton.testing import do_bench
 

@@ -1,8 +1,10 @@
-// C++ CPU kernels for fastgrpo.ops: DDIM-step log-prob (CFG folded in), group advantages, clipped-ratio loss.
+// C++ CPU kernels for fastgrpo.ops: sampler-step log-prob (DDIM, flow-matching SDE; CFG folded in), group
+// advantages, clipped-ratio loss.
 //
 // The same math as kernels/fastgrpo_kernels (see the docstrings there). Inputs arrive contiguous in the compute
-// type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first. The per-sample DDIM
-// coefficients are computed here from alpha_prod_t / alpha_prod_t_prev, in double.
+// type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first. The per-sample step
+// coefficients arrive as a (B, 5) double table (coef_x, coef_e, noise_std, precision, log_norm) that
+// fastgrpo.ops.reference computes: the samplers' formulas are written only there.
 // Rows are split into fixed chunks of CHUNK elements processed in parallel; each chunk sums with SIMD lanes in T
 // and the chunk partials are added in double in chunk order, so results do not depend on the thread count.
 
@@ -19,25 +21,12 @@
 namespace {
 
 constexpr int64_t CHUNK = 8192;
-constexpr double LOG_SQRT_2PI = 0.91893853320467274178;
 
-// Per-sample DDIM algebra: mean = cx * x_t + ce * guided; log p = -scale * sum((prev - mean)^2) / (2 std^2) + offset.
+// One sample's step: mean = cx * x_t + ce * guided; prev = mean + std * noise;
+// log p = -scale * precision * sum((prev - mean)^2) + offset, offset = log_norm * (N for sum, 1 for mean).
 struct Row {
-  double cx, ce, std, offset;
+  double cx, ce, std, precision, offset;
 };
-
-Row row_coefficients(double alpha_t, double alpha_prev, double eta, bool v_prediction, double count) {
-  const double beta_t = 1.0 - alpha_t;
-  const double std = eta * std::sqrt((1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev));
-  const double direction = std::sqrt(1.0 - alpha_prev - std * std);
-  const double sa = std::sqrt(alpha_t), sp = std::sqrt(alpha_prev), sb = std::sqrt(beta_t);
-  Row row;
-  row.cx = v_prediction ? sp * sa + direction * sb : sp / sa;
-  row.ce = v_prediction ? direction * sa - sp * sb : direction - sp * sb / sa;
-  row.std = std;
-  row.offset = -(std::log(std) + LOG_SQRT_2PI) * count;
-  return row;
-}
 
 // Runs fn(job, row, begin, end) for each fixed chunk of each row, in parallel; jobs are row-major.
 template <typename Fn>
@@ -52,13 +41,14 @@ void for_each_chunk(int64_t batch, int64_t n, const Fn& fn) {
   });
 }
 
-template <typename T>
-std::vector<Row> all_rows(const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta, bool v_prediction,
-                          double count) {
-  const T* a = alpha_t.data_ptr<T>();
-  const T* ap = alpha_prev.data_ptr<T>();
-  std::vector<Row> rows(alpha_t.numel());
-  for (int64_t b = 0; b < alpha_t.numel(); ++b) rows[b] = row_coefficients(a[b], ap[b], eta, v_prediction, count);
+std::vector<Row> all_rows(const at::Tensor& table, int64_t batch, double count) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kDouble && table.dim() == 2 &&
+                  table.size(0) == batch && table.size(1) == 5,
+              "fastgrpo cpu: the step table must be a (B, 5) float64 CPU tensor");
+  const auto contiguous = table.contiguous();
+  const double* t = contiguous.data_ptr<double>();
+  std::vector<Row> rows(batch);
+  for (int64_t b = 0; b < batch; ++b) rows[b] = Row{t[5 * b], t[5 * b + 1], t[5 * b + 2], t[5 * b + 3], t[5 * b + 4] * count};
   return rows;
 }
 
@@ -114,7 +104,7 @@ void logprob_forward_impl(const T* c, const T* u, const T* x, const T* t, T* p, 
   for (int64_t row = 0; row < batch; ++row) {
     double total = 0.0;
     for (int64_t k = 0; k < chunks; ++k) total += partial[row * chunks + k];
-    out[row] = static_cast<T>(-scale * total / (2.0 * rows[row].std * rows[row].std) + rows[row].offset);
+    out[row] = static_cast<T>(-scale * rows[row].precision * total + rows[row].offset);
   }
 }
 
@@ -126,14 +116,14 @@ void scale_into(const T* __restrict__ residual, T* __restrict__ out, int64_t beg
 }
 
 // Every gradient of the log-prob is a per-sample multiple of the residual r = prev - mean:
-// d logp / d mean = f r with f = grad_out * scale / std^2, and mean = cx x_t + ce (u + g (c - u)), so
+// d logp / d mean = f r with f = grad_out * scale * 2 precision, and mean = cx x_t + ce (u + g (c - u)), so
 // d/d cond = g ce f r (ce f r without CFG), d/d uncond = (1 - g) ce f r, d/d x_t = cx f r, d/d x_{t-1} = -f r.
 template <typename T>
 void logprob_backward_impl(const T* go, int64_t go_stride, const T* residual, const std::vector<Row>& rows,
                            int64_t batch, int64_t n, double g, double scale, bool has_uncond, T* const grads[4]) {
   for_each_chunk(batch, n, [&](int64_t, int64_t row, int64_t begin, int64_t end) {
     const Row& r = rows[row];
-    const double f = static_cast<double>(go[row * go_stride]) * scale / (r.std * r.std);
+    const double f = static_cast<double>(go[row * go_stride]) * scale * 2.0 * r.precision;
     const double coefs[4] = {(has_uncond ? g : 1.0) * r.ce * f, (1.0 - g) * r.ce * f, r.cx * f, -f};
     for (int k = 0; k < 4; ++k) {
       if (grads[k]) scale_into<T>(residual, grads[k], begin, end, static_cast<T>(coefs[k]));
@@ -154,10 +144,9 @@ void check_inputs(const at::Tensor& cond, const std::vector<at::Tensor>& others)
 // Inputs already contiguous and of one compute type (see the public wrappers below).
 std::vector<at::Tensor> logprob_forward_prepared(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
                                                  const at::Tensor& sample, const at::Tensor& target,
-                                                 const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
-                                                 double guidance, bool v_prediction, bool sum_reduction,
+                                                 const at::Tensor& table, double guidance, bool sum_reduction,
                                                  bool has_noise, bool save_residual) {
-  check_inputs(cond, {sample, target, alpha_t, alpha_prev});
+  check_inputs(cond, {sample, target});
   if (uncond.has_value()) check_inputs(cond, {*uncond});
   TORCH_CHECK(!(has_noise && save_residual), "fastgrpo cpu: the sampling step saves no residual");
   const int64_t batch = cond.size(0);
@@ -166,8 +155,8 @@ std::vector<at::Tensor> logprob_forward_prepared(const at::Tensor& cond, const c
   auto out = at::empty({batch}, cond.options());
   auto prev_out = has_noise ? at::empty_like(cond) : at::Tensor();
   auto residual = save_residual ? at::empty_like(cond) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "ddim_logprob_forward", [&] {
-    const auto rows = all_rows<scalar_t>(alpha_t, alpha_prev, eta, v_prediction, sum_reduction ? double(n) : 1.0);
+  const auto rows = all_rows(table, batch, sum_reduction ? double(n) : 1.0);
+  AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "step_logprob_forward", [&] {
     const scalar_t* u = uncond.has_value() ? uncond->data_ptr<scalar_t>() : nullptr;
     scalar_t* p = has_noise ? prev_out.data_ptr<scalar_t>() : nullptr;
     scalar_t* res = save_residual ? residual.data_ptr<scalar_t>() : nullptr;
@@ -202,27 +191,23 @@ c10::optional<at::Tensor> ready(const c10::optional<at::Tensor>& t, at::ScalarTy
 // Returns {log_prob (B,), prev_sample or undefined (None), residual prev - mean or undefined}, in fp32 (fp64
 // when an input is fp64). target is prev_sample, or the noise when has_noise (which saves no residual). Inputs of
 // any float dtype and layout.
-std::vector<at::Tensor> ddim_logprob_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
+std::vector<at::Tensor> step_logprob_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
                                              const at::Tensor& sample, const at::Tensor& target,
-                                             const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
-                                             double guidance, bool v_prediction, bool sum_reduction, bool has_noise,
-                                             bool save_residual) {
+                                             const at::Tensor& table, double guidance, bool sum_reduction,
+                                             bool has_noise, bool save_residual) {
   const auto type = compute_type({&cond, uncond.has_value() ? &*uncond : nullptr, &sample, &target});
   return logprob_forward_prepared(ready(cond, type), ready(uncond, type), ready(sample, type), ready(target, type),
-                                  ready(alpha_t, type), ready(alpha_prev, type), eta, guidance, v_prediction,
-                                  sum_reduction, has_noise, save_residual);
+                                  table, guidance, sum_reduction, has_noise, save_residual);
 }
 
 // Gradients {cond, uncond, sample, prev} from the forward's residual, in the residual's dtype; an unrequested
 // gradient is undefined (None in Python).
-std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const at::Tensor& residual,
-                                              const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
-                                              double guidance, bool v_prediction, bool sum_reduction,
+std::vector<at::Tensor> step_logprob_backward(const at::Tensor& grad_out, const at::Tensor& residual,
+                                              const at::Tensor& table, double guidance, bool sum_reduction,
                                               bool has_uncond, std::vector<bool> needs) {
   TORCH_CHECK(needs.size() == 4, "fastgrpo cpu: needs has one flag per input (cond, uncond, sample, prev)");
   const auto type = residual.scalar_type();
-  const auto a_t = ready(alpha_t, type), a_prev = ready(alpha_prev, type);
-  check_inputs(residual, {a_t, a_prev});
+  check_inputs(residual, {});
   TORCH_CHECK(grad_out.dim() == 1 && grad_out.size(0) == residual.size(0), "fastgrpo cpu: grad_out must be (B,)");
   // read with its stride: the backward of a sum passes an expanded scalar, and a copy would cost more than it saves
   const auto go = grad_out.scalar_type() == type ? grad_out : grad_out.to(type);
@@ -233,8 +218,8 @@ std::vector<at::Tensor> ddim_logprob_backward(const at::Tensor& grad_out, const 
     const bool wanted = needs[k] && (k != 1 || has_uncond);
     grads.push_back(wanted ? at::empty_like(residual) : at::Tensor());
   }
-  AT_DISPATCH_FLOATING_TYPES(type, "ddim_logprob_backward", [&] {
-    const auto rows = all_rows<scalar_t>(a_t, a_prev, eta, v_prediction, 1.0);
+  const auto rows = all_rows(table, batch, 1.0);
+  AT_DISPATCH_FLOATING_TYPES(type, "step_logprob_backward", [&] {
     scalar_t* const outs[4] = {grads[0].defined() ? grads[0].data_ptr<scalar_t>() : nullptr,
                                grads[1].defined() ? grads[1].data_ptr<scalar_t>() : nullptr,
                                grads[2].defined() ? grads[2].data_ptr<scalar_t>() : nullptr,
@@ -350,27 +335,26 @@ at::Tensor grpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& log
 // The log-prob's autograd node, built directly (as PyTorch's own generated nodes are) rather than through
 // torch::autograd::Function, whose bookkeeping cost about 20 us of each SD-shape forward+backward (0.155 ms ->
 // 0.133 ms in bench/test_bench_ops.py). The forward saves only the residual prev - mean (one tensor, in the
-// compute dtype) and the alphas; the backward reads the residual and writes the gradients of
+// compute dtype) and the step table; the backward reads the residual and writes the gradients of
 // (cond, uncond, x_t, x_{t-1}) that the graph needs.
-struct DdimLogprobBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable residual, alpha_t, alpha_prev;
-  double eta = 1.0, guidance = 1.0;
-  bool v_prediction = false, sum_reduction = false, has_uncond = false;
+struct StepLogprobBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable residual, table;
+  double guidance = 1.0;
+  bool sum_reduction = false, has_uncond = false;
   at::ScalarType dtypes[4] = {at::kFloat, at::kFloat, at::kFloat, at::kFloat};
 
-  std::string name() const override { return "DdimLogprobBackward"; }
+  std::string name() const override { return "StepLogprobBackward"; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     residual.reset_data();
-    alpha_t.reset_data();
-    alpha_prev.reset_data();
+    table.reset_data();
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     TORCH_CHECK(!at::GradMode::is_enabled(),
-                "fastgrpo: the DDIM log-prob's backward is not differentiable itself (create_graph=True); use "
+                "fastgrpo: the step log-prob's backward is not differentiable itself (create_graph=True); use "
                 "backend='reference' for higher-order gradients");
     torch::autograd::variable_list result(4);
     std::vector<bool> needs(4);
@@ -380,8 +364,8 @@ struct DdimLogprobBackward : public torch::autograd::Node {
       any = any || needs[k];
     }
     if (!any || !grads[0].defined()) return result;  // nothing to do, or no gradient flowed in
-    auto computed = ddim_logprob_backward(grads[0], residual.unpack(), alpha_t.unpack(), alpha_prev.unpack(), eta,
-                                          guidance, v_prediction, sum_reduction, has_uncond, needs);
+    auto computed = step_logprob_backward(grads[0], residual.unpack(), table.unpack(), guidance, sum_reduction,
+                                          has_uncond, needs);
     for (size_t k = 0; k < 4; ++k) {
       if (!needs[k]) continue;
       result[k] = computed[k].scalar_type() == dtypes[k] ? computed[k] : computed[k].to(dtypes[k]);
@@ -391,31 +375,25 @@ struct DdimLogprobBackward : public torch::autograd::Node {
 };
 
 // Differentiable log-prob for eager callers; without a gradient to track it is the plain forward.
-at::Tensor ddim_logprob_autograd(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
-                                 const at::Tensor& sample, const at::Tensor& prev, const at::Tensor& alpha_t,
-                                 const at::Tensor& alpha_prev, double eta, double guidance, bool v_prediction,
-                                 bool sum_reduction) {
+at::Tensor step_logprob_autograd(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
+                                 const at::Tensor& sample, const at::Tensor& prev, const at::Tensor& table,
+                                 double guidance, bool sum_reduction) {
   const at::Tensor uncond_or_undefined = uncond.has_value() ? *uncond : at::Tensor();
   const bool track = torch::autograd::compute_requires_grad(cond, uncond_or_undefined, sample, prev);
   at::Tensor out, residual;
   {
     at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below are not recorded by autograd
-    auto result = ddim_logprob_forward(cond, uncond, sample, prev, alpha_t, alpha_prev, eta, guidance, v_prediction,
-                                       sum_reduction, false, track);
+    auto result = step_logprob_forward(cond, uncond, sample, prev, table, guidance, sum_reduction, false, track);
     out = result[0];
     residual = result[2];
   }
   if (!track) return out;
-  TORCH_CHECK(!alpha_t.requires_grad() && !alpha_prev.requires_grad(),
-              "fastgrpo cpu: the log-prob does not differentiate alpha_prod_t / alpha_prod_t_prev");
-  auto node = c10::make_intrusive<DdimLogprobBackward>();
+  TORCH_CHECK(!table.requires_grad(), "fastgrpo cpu: the log-prob does not differentiate the step table");
+  auto node = c10::make_intrusive<StepLogprobBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(cond, uncond_or_undefined, sample, prev));
   node->residual = torch::autograd::SavedVariable(residual, false);
-  node->alpha_t = torch::autograd::SavedVariable(alpha_t, false);
-  node->alpha_prev = torch::autograd::SavedVariable(alpha_prev, false);
-  node->eta = eta;
+  node->table = torch::autograd::SavedVariable(table, false);
   node->guidance = guidance;
-  node->v_prediction = v_prediction;
   node->sum_reduction = sum_reduction;
   node->has_uncond = uncond.has_value();
   const at::Tensor* inputs[4] = {&cond, &uncond_or_undefined, &sample, &prev};
@@ -427,10 +405,10 @@ at::Tensor ddim_logprob_autograd(const at::Tensor& cond, const c10::optional<at:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("ddim_logprob_autograd", &ddim_logprob_autograd);
   m.doc() = "fastgrpo C++ CPU kernels";
-  m.def("ddim_logprob_forward", &ddim_logprob_forward);
-  m.def("ddim_logprob_backward", &ddim_logprob_backward);
+  m.def("step_logprob_autograd", &step_logprob_autograd);
+  m.def("step_logprob_forward", &step_logprob_forward);
+  m.def("step_logprob_backward", &step_logprob_backward);
   m.def("group_advantages", &group_advantages);
   m.def("grpo_loss_forward", &grpo_loss_forward);
   m.def("grpo_loss_backward", &grpo_loss_backward);

@@ -201,7 +201,7 @@ def test_noise_refuses_sample_ids_on_the_device():
 
 def test_triton_launches_make_the_tensors_device_current(monkeypatch):
     """Triton launches on the current device: a call with tensors on cuda:1 while cuda:0 is current must switch."""
-    from fastgrpo_kernels import ddim_logprob as kernels
+    from fastgrpo_kernels import step_logprob as kernels
 
     current = [0]
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from fastgrpo import ops
-from fastgrpo.ops import ddim, reference
+from fastgrpo.ops import reference, step
 from fastgrpo.ops.dispatch import cpp_kernels
 
 from conftest import TEST_DEVICE as DEVICE
@@ -149,13 +149,22 @@ def test_logprob_without_gradient_builds_no_graph(backend):
 
 
 class _RecordAtenOps(TorchDispatchMode):
+    """Records each aten op's name and the most elements any of its tensor inputs or outputs holds."""
+
     def __init__(self):
         super().__init__()
-        self.ops = []
+        self.ops, self.sizes = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        self.sizes.append(max((t.numel() for t in tensors), default=0))
+        return out
+
+    def large(self, allowed, limit):
+        """Ops outside `allowed` that touch more than `limit` elements."""
+        return [(op, size) for op, size in zip(self.ops, self.sizes) if op not in allowed and size > limit]
 
 
 class _CountLaunches:
@@ -176,10 +185,11 @@ class _CountLaunches:
 def test_triton_logprob_is_one_launch_each_way(monkeypatch):
     """On CUDA each aten op that touches memory is a launch of its own: besides its one kernel, the Triton
     log-prob's forward (with the residual) and backward (from an expanded grad_out, as a sum's backward passes)
-    dispatch only allocations and views: no zero-fill, copy or conversion."""
-    import fastgrpo_kernels.ddim_logprob as kernel_module
+    dispatch no zero-fill, copy or conversion of a latent-sized tensor: besides allocations and views the forward
+    only builds the (B, 5) step table from the (B,) alphas, and the backward reuses it."""
+    import fastgrpo_kernels.step_logprob as kernel_module
     launches = []
-    for name in ("_ddim_logprob_fwd_kernel", "_ddim_logprob_bwd_kernel"):
+    for name in ("_step_logprob_fwd_kernel", "_step_logprob_bwd_kernel"):
         monkeypatch.setattr(kernel_module, name, _CountLaunches(getattr(kernel_module, name), launches))
     cond, uncond, sample, prev, alpha_t, alpha_prev = step_inputs(2, (4, 8, 8), seed=11)
     leaves = [cond.requires_grad_(True), uncond.requires_grad_(True)]
@@ -190,16 +200,17 @@ def test_triton_logprob_is_one_launch_each_way(monkeypatch):
         with _RecordAtenOps() as forward_ops:
             log_prob = ops.ddim_logprob(leaves[0], sample, prev, alpha_t, alpha_prev, uncond_output=leaves[1],
                                         guidance_scale=5.0, backend="triton")
-    assert set(forward_ops.ops) <= allowed, forward_ops.ops
-    assert launches == [kernel_module._ddim_logprob_fwd_kernel.kernel]
-    residual = log_prob.grad_fn.saved_tensors[0]
+    assert forward_ops.large(allowed, limit=2 * 5) == [], forward_ops.ops
+    assert launches == [kernel_module._step_logprob_fwd_kernel.kernel]
+    residual, table = log_prob.grad_fn.saved_tensors
+    torch.testing.assert_close(table, reference.ddim_coefficients(alpha_t.double(), alpha_prev.double(), eta=1.0,
+                                                                  prediction_type="epsilon"), rtol=0, atol=0)
     grad_out = torch.ones((), device=DEVICE).expand(2)
     launches.clear()
     with _RecordAtenOps() as backward_ops:
-        grads = ddim._backward(grad_out, residual, alpha_t, alpha_prev, 1.0, 5.0, "epsilon", "mean", True,
-                               (True, True, False, False), "triton")
+        grads = step._backward(grad_out, residual, table, 5.0, "mean", True, (True, True, False, False), "triton")
     assert set(backward_ops.ops) <= allowed, backward_ops.ops
-    assert launches == [kernel_module._ddim_logprob_bwd_kernel.kernel]
+    assert launches == [kernel_module._step_logprob_bwd_kernel.kernel]
     expected = torch.autograd.grad(log_prob.sum(), leaves)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -266,7 +277,8 @@ def test_low_precision_error_rule(backend, dtype):
                                    uncond_output=uncond.double(), guidance_scale=5.0)
     # PyTorch's own error: the reference formula evaluated entirely in `dtype` (no upcast).
     guided = uncond + 5.0 * (cond - uncond)
-    mean, std = reference.ddim_moments(guided, sample, alpha_t, alpha_prev, eta=1.0, prediction_type="epsilon")
+    table = reference.ddim_coefficients(alpha_t, alpha_prev, eta=1.0, prediction_type="epsilon")
+    mean, std = reference.step_moments(guided, sample, table)
     torch_error = max_error(reference.gaussian_logprob(prev, mean, std.to(dtype), reduction="mean"), exact)
     got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, uncond_output=uncond, guidance_scale=5.0,
                            backend=backend)
@@ -336,19 +348,20 @@ def test_grpo_loss_all_clipped_has_zero_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("op", ["ddim_logprob", "ddim_step", "grpo_loss", "group_advantages"])
+@pytest.mark.parametrize("op", ["step_logprob", "step_sample", "grpo_loss", "group_advantages"])
 def test_opcheck(backend, op):
     cond, uncond, sample, other, alpha_t, alpha_prev = step_inputs(2, (2, 3, 3), seed=6)
     cond.requires_grad_(True)
     uncond.requires_grad_(True)
-    if op == "ddim_logprob":
-        args = (cond, uncond, sample, other, alpha_t, alpha_prev, 1.0, 5.0, "epsilon", "mean", backend)
-        torch.library.opcheck(ops.ddim_logprob_op, (*args, True))
+    table = reference.ddim_coefficients(alpha_t.double(), alpha_prev.double(), eta=0.9, prediction_type="epsilon")
+    if op == "step_logprob":
+        args = (cond, uncond, sample, other, table, 5.0, "mean", backend)
+        torch.library.opcheck(ops.step_logprob_op, (*args, True))
         # without the residual (calls that need no gradient)
-        torch.library.opcheck(ops.ddim_logprob_op, (cond.detach(), uncond.detach(), *args[2:], False))
-    elif op == "ddim_step":
-        args = (cond, uncond, sample, other, alpha_t, alpha_prev, 0.9, 5.0, "v_prediction", "sum", backend)
-        torch.library.opcheck(ops.ddim_step_op, args)
+        torch.library.opcheck(ops.step_logprob_op, (cond.detach(), uncond.detach(), *args[2:], False))
+    elif op == "step_sample":
+        args = (cond, uncond, sample, other, table, 5.0, "sum", backend)
+        torch.library.opcheck(ops.step_sample_op, args)
     elif op == "grpo_loss":
         log_probs, old, adv, ref = loss_inputs(9, seed=7, dtype=torch.float32)
         torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, 0.05, 0.08, 0.1, backend))

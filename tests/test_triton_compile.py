@@ -42,27 +42,29 @@ def _of(records, kernel, arch):
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_logprob_specialisation_compiles(compiled, arch):
-    forward = _of(compiled, "_ddim_logprob_fwd_kernel", arch)
+    forward = _of(compiled, "_step_logprob_fwd_kernel", arch)
     seen = {(r["signature"]["cond_ptr"], r["constexprs"]["COMPUTE"], r["constexprs"]["HAS_UNCOND"],
-             r["constexprs"]["HAS_NOISE"], r["constexprs"]["SAVE_RESIDUAL"], r["constexprs"]["V_PRED"])
-            for r in forward}
+             r["constexprs"]["HAS_NOISE"], r["constexprs"]["SAVE_RESIDUAL"]) for r in forward}
     modes = [(True, False), (False, False), (False, True)]  # sampling step; log-prob; log-prob saving the residual
-    for pointer, uncond, (noise, residual), v_pred in itertools.product(("*fp32", "*bf16", "*fp16", "*fp64"),
-                                                                      (True, False), modes, (True, False)):
+    for pointer, uncond, (noise, residual) in itertools.product(("*fp32", "*bf16", "*fp16", "*fp64"), (True, False),
+                                                                modes):
         compute = "fp64" if pointer == "*fp64" else "fp32"
-        assert (pointer, compute, uncond, noise, residual, v_pred) in seen
+        assert (pointer, compute, uncond, noise, residual) in seen
+    # the step table (DDIM and flow SDE alike) is always float64
+    assert {r["signature"]["table_ptr"] for r in forward} == {"*fp64"}
     # one chunk (num_chunks specialised to 1), 5 chunks, SD 64x64 (16) and SDXL 128x128 (64 chunks) per row
     assert {r["constexprs"]["MAX_CHUNKS"] for r in forward} >= {1, 8, 16, 64}
 
-    backward = _of(compiled, "_ddim_logprob_bwd_kernel", arch)
+    backward = _of(compiled, "_step_logprob_bwd_kernel", arch)
     flags = ("GRAD_COND", "GRAD_UNCOND", "GRAD_SAMPLE", "GRAD_PREV")
-    subsets = {(r["constexprs"]["HAS_UNCOND"], r["constexprs"]["V_PRED"], r["constexprs"]["COMPUTE"],
-                *(r["constexprs"][f] for f in flags)) for r in backward}
-    for uncond, v_pred, compute, wanted in itertools.product((True, False), (True, False), ("fp32", "fp64"),
-                                                             itertools.product((False, True), repeat=4)):
+    subsets = {(r["constexprs"]["HAS_UNCOND"], r["constexprs"]["COMPUTE"], *(r["constexprs"][f] for f in flags))
+               for r in backward}
+    for uncond, compute, wanted in itertools.product((True, False), ("fp32", "fp64"),
+                                                     itertools.product((False, True), repeat=4)):
         if any(wanted) and (uncond or not wanted[1]):
-            assert (uncond, v_pred, compute, *wanted) in subsets
+            assert (uncond, compute, *wanted) in subsets
     assert {r["signature"]["residual_ptr"] for r in backward} == {"*fp32", "*fp64"}
+    assert {r["signature"]["table_ptr"] for r in backward} == {"*fp64"}
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -1,14 +1,19 @@
-"""Public op API for diffusion GRPO: DDIM-step log-prob (CFG folded in), group advantages, clipped-ratio loss.
+"""Public op API for diffusion GRPO: sampler-step log-probs (DDIM; flow-matching SDE as flow_grpo samples it; CFG
+folded in), group advantages, clipped-ratio loss.
 
 Needs only torch. Other diffusion-RL code can use it directly::
 
-    from fastgrpo.ops import ddim_step, ddim_logprob, group_advantages, grpo_loss
+    from fastgrpo.ops import ddim_step, ddim_logprob, flow_sde_step, flow_sde_logprob, group_advantages, grpo_loss
 
 Every op takes `backend` ("auto", "triton", "cpp", "reference"); the environment variable FASTGRPO_BACKEND overrides
 "auto", which picks Triton for CUDA tensors, the C++ extension for CPU tensors, else the PyTorch reference.
 `explain(op, device)` says which backend serves a call and why the others were rejected. The fused backends
 differentiate with respect to the model outputs, x_t and x_{t-1} (log-prob) and log_probs (loss); a call that needs
-another gradient (of the alphas, say) is served by the reference.
+another gradient (of the alphas or sigmas, say) is served by the reference.
+
+Both samplers' steps are Gaussian with a mean affine in x_t and the model output; `reference.ddim_coefficients` and
+`reference.flow_sde_coefficients` turn a step's schedule values into a per-sample table, and every backend applies
+that one table (the formulas exist once).
 """
 
 from __future__ import annotations
@@ -16,50 +21,67 @@ from __future__ import annotations
 import torch
 
 from fastgrpo.ops import reference
-from fastgrpo.ops.ddim import ddim_logprob_fused, ddim_logprob_op, ddim_step_op  # noqa: F401 (custom ops)
 from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
 from fastgrpo.ops.loss import STAT_NAMES, group_advantages_fused, group_advantages_op, grpo_loss_fused, grpo_loss_op  # noqa: F401,E501
+from fastgrpo.ops.step import step_logprob_fused, step_logprob_op, step_sample_op  # noqa: F401 (custom ops)
 
-__all__ = ["ddim_logprob", "ddim_step", "group_advantages", "grpo_loss", "explain", "BackendUnavailableError"]
+__all__ = ["ddim_logprob", "ddim_step", "flow_sde_logprob", "flow_sde_step", "group_advantages", "grpo_loss",
+           "explain", "BackendUnavailableError"]
 
 
-def _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, eta, uncond_output,
-                       prediction_type, reduction, others=()):
+def _check_step_inputs(op, model_output, sample, schedule, *, uncond_output, reduction, others=()):
     if model_output.dim() < 2:
         raise ValueError(f"{op}: model_output must be (B, ...) with at least 2 dims, got {tuple(model_output.shape)}")
     for name, tensor in (("sample", sample), ("uncond_output", uncond_output), *others):
         if tensor is not None and tensor.shape != model_output.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(model_output.shape)}")
     batch = model_output.shape[0]
-    for name, tensor in (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)):
+    for name, tensor in schedule:
         if tensor.shape != (batch,):
             raise ValueError(f"{op}: {name} must have shape ({batch},), got {tuple(tensor.shape)}")
-    if not eta > 0:
-        raise ValueError(f"{op}: eta must be > 0 (eta = 0 is deterministic DDIM and has no log-prob), got {eta}")
-    if prediction_type not in reference.PREDICTION_TYPES:
-        raise ValueError(f"{op}: prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}")
     if reduction not in reference.REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
 
 
-def _step_backend(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, eta, uncond_output,
-                  prediction_type, reduction, other, backend) -> str:
-    """Validate a DDIM-step call and pick its backend (fused backends do not differentiate the schedule)."""
+def _step_backend(op, model_output, sample, schedule, *, uncond_output, reduction, other, backend) -> str:
+    """Validate a sampler-step call and pick its backend (fused backends do not differentiate the schedule).
+    schedule: ((name, (B,) tensor), ...) such as the alphas or sigmas; other: (name, tensor) of prev_sample/noise."""
     shape = model_output.shape
     batch = (shape[0],) if shape else ()
     valid = (len(shape) >= 2 and sample.shape == shape and other[1].shape == shape
-             and (uncond_output is None or uncond_output.shape == shape) and alpha_prod_t.shape == batch
-             and alpha_prod_t_prev.shape == batch and eta > 0 and prediction_type in reference.PREDICTION_TYPES
-             and reduction in reference.REDUCTIONS)
+             and (uncond_output is None or uncond_output.shape == shape)
+             and all(tensor.shape == batch for _, tensor in schedule) and reduction in reference.REDUCTIONS)
     if not valid:  # the fast check above runs on every call; this one says what is wrong
-        _check_step_inputs(op, model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                           uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
+        _check_step_inputs(op, model_output, sample, schedule, uncond_output=uncond_output, reduction=reduction,
                            others=(other,))
-    if alpha_prod_t.requires_grad or alpha_prod_t_prev.requires_grad:
-        rejections = {name: "alpha_prod_t/alpha_prod_t_prev require grad (only the reference differentiates the "
-                            "schedule)" for name in ("triton", "cpp")}
+    if any(tensor.requires_grad for _, tensor in schedule):
+        names = "/".join(name for name, _ in schedule)
+        rejections = {backend_name: f"{names} require grad (only the reference differentiates the schedule)"
+                      for backend_name in ("triton", "cpp")}
         return select_backend(op, model_output, backend, rejections)
     return select_backend(op, model_output, backend)
+
+
+def _check_ddim(op, eta, prediction_type):
+    if not eta > 0:
+        raise ValueError(f"{op}: eta must be > 0 (eta = 0 is deterministic DDIM and has no log-prob), got {eta}")
+    if prediction_type not in reference.PREDICTION_TYPES:
+        raise ValueError(f"{op}: prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def _check_flow(op, noise_level, sde_type, sigma_max):
+    if not noise_level > 0:
+        raise ValueError(f"{op}: noise_level must be > 0 (0 is the deterministic ODE step), got {noise_level}")
+    if sde_type not in reference.SDE_TYPES:
+        raise ValueError(f"{op}: sde_type must be one of {reference.SDE_TYPES}, got {sde_type!r}")
+    if sde_type == "sde" and sigma_max is None:
+        raise ValueError(f"{op}: sde_type 'sde' needs sigma_max, the value used where sigma == 1 (flow_grpo: "
+                         "scheduler.sigmas[1])")
+
+
+def _table(build, *schedule, **settings) -> torch.Tensor:
+    """A step table for the fused backends: float64, on the schedule's device, no gradient."""
+    return build(*(t.detach().to(torch.float64) for t in schedule), **settings)
 
 
 def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
@@ -73,15 +95,19 @@ def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: 
     Any float dtype; math in fp32 (fp64 for fp64 inputs). Returns (B,) log-probs, mean (or sum) over C, H, W.
     Differentiable with respect to model_output and uncond_output.
     """
-    chosen = _step_backend("ddim_logprob", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                           uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
-                           other=("prev_sample", prev_sample), backend=backend)
+    _check_ddim("ddim_logprob", eta, prediction_type)
+    chosen = _step_backend("ddim_logprob", model_output, sample,
+                           (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)),
+                           uncond_output=uncond_output, reduction=reduction, other=("prev_sample", prev_sample),
+                           backend=backend)
     if chosen == "reference":
         return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
                                       uncond_output=uncond_output, guidance_scale=guidance_scale,
                                       prediction_type=prediction_type, reduction=reduction)
-    return ddim_logprob_fused(model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev,
-                              float(eta), float(guidance_scale), prediction_type, reduction, chosen)
+    table = _table(reference.ddim_coefficients, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                   prediction_type=prediction_type)
+    return step_logprob_fused(model_output, uncond_output, sample, prev_sample, table, float(guidance_scale),
+                              reduction, chosen)
 
 
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
@@ -94,15 +120,65 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: to
     Same arguments as `ddim_logprob`, with the standard-normal `noise` (B, C, H, W) instead of prev_sample. Equals
     diffusers' `DDIMScheduler.step(..., eta=eta, variance_noise=noise)` (with clip_sample and thresholding off).
     """
-    chosen = _step_backend("ddim_step", model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                           uncond_output=uncond_output, prediction_type=prediction_type, reduction=reduction,
-                           other=("noise", noise), backend=backend)
+    _check_ddim("ddim_step", eta, prediction_type)
+    chosen = _step_backend("ddim_step", model_output, sample,
+                           (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)),
+                           uncond_output=uncond_output, reduction=reduction, other=("noise", noise), backend=backend)
     if chosen == "reference":
         return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
                                    uncond_output=uncond_output, guidance_scale=guidance_scale,
                                    prediction_type=prediction_type, reduction=reduction)
-    return ddim_step_op(model_output, uncond_output, sample, noise, alpha_prod_t, alpha_prod_t_prev, float(eta),
-                        float(guidance_scale), prediction_type, reduction, chosen)
+    table = _table(reference.ddim_coefficients, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                   prediction_type=prediction_type)
+    return step_sample_op(model_output, uncond_output, sample, noise, table, float(guidance_scale), reduction, chosen)
+
+
+def flow_sde_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
+                     sigma: torch.Tensor, sigma_prev: torch.Tensor, *, noise_level: float = 0.7,
+                     sde_type: str = "sde", sigma_max: float | None = None,
+                     uncond_output: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                     reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """Per-sample log p(prev_sample | sample) of one flow-matching SDE step, as flow_grpo's `sde_step_with_logprob`.
+
+    model_output: (B, ...) predicted velocity (conditional; CFG folded in with uncond_output and guidance_scale);
+    sample = x at sigma, prev_sample = x at sigma_prev; sigma, sigma_prev: (B,) from diffusers'
+    `FlowMatchEulerDiscreteScheduler.sigmas` (sigma_prev the next entry, smaller). sde_type "sde" (needs sigma_max,
+    flow_grpo's `scheduler.sigmas[1]`, used where sigma == 1) or "cps" (log-prob without constants, as flow_grpo).
+    The formulas: `reference.flow_sde_coefficients`. Returns (B,) in fp32 (fp64 for fp64 inputs), mean (or sum)
+    over the non-batch dims. Differentiable with respect to model_output, uncond_output, sample and prev_sample.
+    """
+    _check_flow("flow_sde_logprob", noise_level, sde_type, sigma_max)
+    chosen = _step_backend("flow_sde_logprob", model_output, sample, (("sigma", sigma), ("sigma_prev", sigma_prev)),
+                           uncond_output=uncond_output, reduction=reduction, other=("prev_sample", prev_sample),
+                           backend=backend)
+    if chosen == "reference":
+        return reference.flow_sde_logprob(model_output, sample, prev_sample, sigma, sigma_prev,
+                                          noise_level=noise_level, sde_type=sde_type, sigma_max=sigma_max,
+                                          uncond_output=uncond_output, guidance_scale=guidance_scale,
+                                          reduction=reduction)
+    table = _table(reference.flow_sde_coefficients, sigma, sigma_prev, noise_level=noise_level, sde_type=sde_type,
+                   sigma_max=sigma_max)
+    return step_logprob_fused(model_output, uncond_output, sample, prev_sample, table, float(guidance_scale),
+                              reduction, chosen)
+
+
+def flow_sde_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor, sigma_prev: torch.Tensor,
+                  noise: torch.Tensor, *, noise_level: float = 0.7, sde_type: str = "sde",
+                  sigma_max: float | None = None, uncond_output: torch.Tensor | None = None,
+                  guidance_scale: float = 1.0, reduction: str = "mean",
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one flow-matching SDE step with the standard-normal `noise`: (prev_sample, log_prob), as flow_grpo's
+    `sde_step_with_logprob(..., prev_sample=None)` with that noise. Arguments as `flow_sde_logprob`."""
+    _check_flow("flow_sde_step", noise_level, sde_type, sigma_max)
+    chosen = _step_backend("flow_sde_step", model_output, sample, (("sigma", sigma), ("sigma_prev", sigma_prev)),
+                           uncond_output=uncond_output, reduction=reduction, other=("noise", noise), backend=backend)
+    if chosen == "reference":
+        return reference.flow_sde_step(model_output, sample, sigma, sigma_prev, noise, noise_level=noise_level,
+                                       sde_type=sde_type, sigma_max=sigma_max, uncond_output=uncond_output,
+                                       guidance_scale=guidance_scale, reduction=reduction)
+    table = _table(reference.flow_sde_coefficients, sigma, sigma_prev, noise_level=noise_level, sde_type=sde_type,
+                   sigma_max=sigma_max)
+    return step_sample_op(model_output, uncond_output, sample, noise, table, float(guidance_scale), reduction, chosen)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, std: str = "group",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgrpo.ops.ddim import compute_dtype
+from fastgrpo.ops.step import compute_dtype
 from fastgrpo.ops.dispatch import cpp_kernels, triton_kernels
 
 STAT_NAMES = ("loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_min", "ratio_max", "kl")

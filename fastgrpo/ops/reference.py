@@ -1,7 +1,9 @@
 """Pure-PyTorch reference math for the diffusion-GRPO ops.
 
 This is the single source of truth: every faster backend is tested against these functions, and these functions are
-tested against closed-form float64 math, `torch.distributions.Normal` and diffusers' `DDIMScheduler`.
+tested against closed-form float64 math, `torch.distributions.Normal` and diffusers' `DDIMScheduler`. The samplers'
+step formulas (DDIM, the flow-matching SDE) are written once, here, as per-sample coefficient tables that every
+backend consumes (see "sampler step coefficients").
 
 Conventions
 - Math runs in float32, or float64 when any floating input is float64 (so `gradcheck` works).
@@ -38,39 +40,125 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def ddim_moments(model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, eta: float, prediction_type: str):
-    """Mean and std of the stochastic DDIM transition p(x_{t-1} | x_t) (DDIM paper eq. 12 and 16).
+# ---------------------------------------------------------------------------------------- sampler step coefficients
+#
+# Every sampler step these ops support is a Gaussian transition with a mean affine in x_t and the (guided) model
+# output. Per sample, five numbers describe it completely:
+#
+#     mean      = coef_x * x_t + coef_e * guided
+#     x_{t-1}   = mean + noise_std * noise                           (sampling)
+#     log p     = reduce(-precision * (x_{t-1} - mean)^2 + log_norm)  (elementwise, then mean or sum)
+#
+# A true Gaussian has precision = 1 / (2 noise_std^2) and log_norm = -(log noise_std + log sqrt(2 pi)); flow_grpo's
+# "cps" step drops the constants and keeps -(x_{t-1} - mean)^2 (precision 1, log_norm 0). The functions below are
+# the only place the samplers' formulas are written: the reference applies the table, and the fused backends
+# (Triton, C++) receive it as a (B, 5) float64 tensor computed here, so every backend uses these exact formulas.
 
-    model_output, sample: (B, ...) in the math dtype; alpha_prod_t, alpha_prod_t_prev: (B,).
-    Returns mean (B, ...) and std (B, 1, ...).
-    """
-    alpha_t = _per_sample(alpha_prod_t, sample)
-    alpha_prev = _per_sample(alpha_prod_t_prev, sample)
+COEFFICIENTS = ("coef_x", "coef_e", "noise_std", "precision", "log_norm")
+SDE_TYPES = ("sde", "cps")
+
+
+def _gaussian_table(coef_x, coef_e, std) -> torch.Tensor:
+    return torch.stack([coef_x, coef_e, std, 0.5 / std**2, -(torch.log(std) + LOG_SQRT_2PI)], dim=1)
+
+
+def ddim_coefficients(alpha_prod_t, alpha_prod_t_prev, *, eta: float, prediction_type: str) -> torch.Tensor:
+    """(B, 5) step table (`COEFFICIENTS`) of the stochastic DDIM step (DDIM paper eq. 12 and 16), in the alphas'
+    dtype: sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)), and
+    mean = sqrt(a_prev) * pred_x0 + sqrt(1 - a_prev - sigma_t^2) * pred_epsilon, written as coef_x * x_t +
+    coef_e * model_output for epsilon or v prediction."""
+    alpha_t, alpha_prev = alpha_prod_t, alpha_prod_t_prev
     beta_t = 1.0 - alpha_t
-    if prediction_type == "epsilon":
-        pred_x0 = (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt()
-        pred_epsilon = model_output
-    elif prediction_type == "v_prediction":
-        pred_x0 = alpha_t.sqrt() * sample - beta_t.sqrt() * model_output
-        pred_epsilon = alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    std = eta * ((1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev)).sqrt()
+    direction = (1.0 - alpha_prev - std**2).sqrt()
+    sqrt_t, sqrt_prev, sqrt_beta = alpha_t.sqrt(), alpha_prev.sqrt(), beta_t.sqrt()
+    if prediction_type == "epsilon":      # pred_x0 = (x - sqrt(b) e) / sqrt(a), pred_eps = e
+        coef_x = sqrt_prev / sqrt_t
+        coef_e = direction - sqrt_prev * sqrt_beta / sqrt_t
+    elif prediction_type == "v_prediction":  # pred_x0 = sqrt(a) x - sqrt(b) v, pred_eps = sqrt(a) v + sqrt(b) x
+        coef_x = sqrt_prev * sqrt_t + direction * sqrt_beta
+        coef_e = direction * sqrt_t - sqrt_prev * sqrt_beta
     else:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    variance = (1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev)
-    std = eta * variance.sqrt()
-    direction = (1.0 - alpha_prev - std**2).sqrt() * pred_epsilon
-    mean = alpha_prev.sqrt() * pred_x0 + direction
-    return mean, std
+    return _gaussian_table(coef_x, coef_e, std)
 
 
-def gaussian_logprob(value, mean, std, *, reduction: str):
-    """Per-sample log N(value; mean, std^2), reduced over all non-batch dims. (B, ...) -> (B,)."""
-    elementwise = -((value - mean) ** 2) / (2.0 * std**2) - torch.log(std) - LOG_SQRT_2PI
+def flow_sde_coefficients(sigma, sigma_prev, *, noise_level: float, sde_type: str = "sde",
+                          sigma_max: float | None = None) -> torch.Tensor:
+    """(B, 5) step table of flow_grpo's flow-matching SDE step from sigma to sigma_prev (< sigma) for a velocity
+    model v (x_t = (1 - sigma) x_0 + sigma * noise), in the sigmas' dtype. With dt = sigma_prev - sigma:
+
+    - "sde": std_t = noise_level * sqrt(sigma / (1 - s)) with s = sigma_max where sigma == 1, else sigma;
+      mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt; noise_std =
+      std_t sqrt(-dt); a Gaussian log-prob.
+    - "cps" (coefficients-preserving sampling): std_t = sigma_prev sin(noise_level pi / 2);
+      mean = (x - sigma v)(1 - sigma_prev) + (x + (1 - sigma) v) sqrt(sigma_prev^2 - std_t^2); noise_std = std_t;
+      log p = -(x_{t-1} - mean)^2 without constants (precision 1, log_norm 0), as flow_grpo computes it.
+    """
+    dt = sigma_prev - sigma
+    if sde_type == "sde":
+        if sigma_max is None:
+            raise ValueError("sde_type 'sde' needs sigma_max (the value that replaces sigma == 1; flow_grpo uses "
+                             "scheduler.sigmas[1])")
+        safe = torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)
+        std_t = (sigma / (1.0 - safe)).sqrt() * noise_level
+        coef_x = 1.0 + std_t**2 / (2.0 * sigma) * dt
+        coef_e = (1.0 + std_t**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
+        return _gaussian_table(coef_x, coef_e, std_t * (-dt).sqrt())
+    if sde_type == "cps":
+        std_t = sigma_prev * math.sin(noise_level * math.pi / 2)
+        keep = (sigma_prev**2 - std_t**2).sqrt()
+        coef_x = (1.0 - sigma_prev) + keep
+        coef_e = -sigma * (1.0 - sigma_prev) + (1.0 - sigma) * keep
+        return torch.stack([coef_x, coef_e, std_t, torch.ones_like(std_t), torch.zeros_like(std_t)], dim=1)
+    raise ValueError(f"sde_type must be one of {SDE_TYPES}, got {sde_type!r}")
+
+
+def step_moments(model_output, sample, coefficients):
+    """(mean (B, ...), noise_std (B, 1, ...)) of a step from its (B, 5) table; model_output already guided."""
+    coef_x, coef_e, std = (_per_sample(coefficients[:, k], sample) for k in range(3))
+    return coef_x * sample + coef_e * model_output, std
+
+
+def step_logprob(model_output, sample, prev_sample, coefficients, *, uncond_output=None, guidance_scale=1.0,
+                 reduction="mean"):
+    """log p(prev_sample | sample) of the step a (B, 5) table describes, CFG folded in. Returns (B,) in the math
+    dtype (the table is cast to it)."""
+    dtype = math_dtype(model_output, sample, prev_sample, uncond_output)
+    model_output, uncond_output, sample, prev_sample, coefficients = _cast(
+        dtype, model_output, uncond_output, sample, prev_sample, coefficients)
+    mean, _ = step_moments(guided_output(model_output, uncond_output, guidance_scale), sample, coefficients)
+    return _reduce(_elementwise_logprob(prev_sample, mean, coefficients), reduction)
+
+
+def step_sample(model_output, sample, noise, coefficients, *, uncond_output=None, guidance_scale=1.0,
+                reduction="mean"):
+    """x_{t-1} = mean + noise_std * noise and its log-prob (computed from the returned, rounded x_{t-1})."""
+    dtype = math_dtype(model_output, sample, noise, uncond_output)
+    model_output, uncond_output, sample, noise, coefficients = _cast(
+        dtype, model_output, uncond_output, sample, noise, coefficients)
+    mean, std = step_moments(guided_output(model_output, uncond_output, guidance_scale), sample, coefficients)
+    prev_sample = mean + std * noise
+    return prev_sample, _reduce(_elementwise_logprob(prev_sample, mean, coefficients), reduction)
+
+
+def _elementwise_logprob(value, mean, coefficients):
+    precision, log_norm = _per_sample(coefficients[:, 3], value), _per_sample(coefficients[:, 4], value)
+    return -precision * (value - mean) ** 2 + log_norm
+
+
+def _reduce(elementwise, reduction):
     flat = elementwise.reshape(elementwise.shape[0], -1)
     if reduction == "mean":
         return flat.mean(dim=1)
     if reduction == "sum":
         return flat.sum(dim=1)
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def gaussian_logprob(value, mean, std, *, reduction: str):
+    """Per-sample log N(value; mean, std^2), reduced over all non-batch dims. (B, ...) -> (B,)."""
+    return _reduce(-((value - mean) ** 2) / (2.0 * std**2) - torch.log(std) - LOG_SQRT_2PI, reduction)
 
 
 def _cast(dtype, *tensors):
@@ -81,11 +169,10 @@ def ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_p
                  guidance_scale=1.0, prediction_type="epsilon", reduction="mean"):
     """log p(prev_sample | sample) under stochastic DDIM with CFG folded in. Returns (B,) in the math dtype."""
     dtype = math_dtype(model_output, sample, prev_sample, uncond_output)
-    model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev = _cast(
-        dtype, model_output, uncond_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev)
-    guided = guided_output(model_output, uncond_output, guidance_scale)
-    mean, std = ddim_moments(guided, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type)
-    return gaussian_logprob(prev_sample, mean, std, reduction=reduction)
+    table = ddim_coefficients(alpha_prod_t.to(dtype), alpha_prod_t_prev.to(dtype), eta=eta,
+                              prediction_type=prediction_type)
+    return step_logprob(model_output, sample, prev_sample, table, uncond_output=uncond_output,
+                        guidance_scale=guidance_scale, reduction=reduction)
 
 
 def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, *, eta=1.0, uncond_output=None,
@@ -95,12 +182,30 @@ def ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, *, e
     The log-prob is computed from the returned (rounded) prev_sample, exactly as `ddim_logprob` would recompute it.
     """
     dtype = math_dtype(model_output, sample, noise, uncond_output)
-    model_output, uncond_output, sample, noise, alpha_prod_t, alpha_prod_t_prev = _cast(
-        dtype, model_output, uncond_output, sample, noise, alpha_prod_t, alpha_prod_t_prev)
-    guided = guided_output(model_output, uncond_output, guidance_scale)
-    mean, std = ddim_moments(guided, sample, alpha_prod_t, alpha_prod_t_prev, eta=eta, prediction_type=prediction_type)
-    prev_sample = mean + std * noise
-    return prev_sample, gaussian_logprob(prev_sample, mean, std, reduction=reduction)
+    table = ddim_coefficients(alpha_prod_t.to(dtype), alpha_prod_t_prev.to(dtype), eta=eta,
+                              prediction_type=prediction_type)
+    return step_sample(model_output, sample, noise, table, uncond_output=uncond_output,
+                       guidance_scale=guidance_scale, reduction=reduction)
+
+
+def flow_sde_logprob(model_output, sample, prev_sample, sigma, sigma_prev, *, noise_level=0.7, sde_type="sde",
+                     sigma_max=None, uncond_output=None, guidance_scale=1.0, reduction="mean"):
+    """log p(prev_sample | sample) of flow_grpo's SDE step (`flow_sde_coefficients`), CFG folded in; (B,)."""
+    dtype = math_dtype(model_output, sample, prev_sample, uncond_output)
+    table = flow_sde_coefficients(sigma.to(dtype), sigma_prev.to(dtype), noise_level=noise_level, sde_type=sde_type,
+                                  sigma_max=sigma_max)
+    return step_logprob(model_output, sample, prev_sample, table, uncond_output=uncond_output,
+                        guidance_scale=guidance_scale, reduction=reduction)
+
+
+def flow_sde_step(model_output, sample, sigma, sigma_prev, noise, *, noise_level=0.7, sde_type="sde", sigma_max=None,
+                  uncond_output=None, guidance_scale=1.0, reduction="mean"):
+    """Sample flow_grpo's SDE step with the given standard-normal noise: (prev_sample, log_prob)."""
+    dtype = math_dtype(model_output, sample, noise, uncond_output)
+    table = flow_sde_coefficients(sigma.to(dtype), sigma_prev.to(dtype), noise_level=noise_level, sde_type=sde_type,
+                                  sigma_max=sigma_max)
+    return step_sample(model_output, sample, noise, table, uncond_output=uncond_output,
+                       guidance_scale=guidance_scale, reduction=reduction)
 
 
 def group_advantages(rewards, group_size, *, std="group", clip=None, eps=1e-8, unbiased=True):

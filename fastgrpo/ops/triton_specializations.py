@@ -2,8 +2,8 @@
 
 The interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) accepts code that the Triton compiler
 rejects, so passing kernel tests say nothing about CUDA. This module drives `fastgrpo.ops` with backend='triton'
-through every option the ops expose (CFG or not, sampling step or log-prob, with or without a residual, epsilon or
-v prediction, each subset of gradients, fp32/bf16/fp16/fp64 inputs, several row lengths; advantages with group or
+through every option the ops expose (CFG or not, sampling step or log-prob, with or without a residual, DDIM with
+epsilon or v prediction and the flow-matching SDE, each subset of gradients, fp32/bf16/fp16/fp64 inputs, several row lengths; advantages with group or
 global std, biased or not, clipped or not; the loss with or without a reference) on CPU tensors, with each kernel's
 launch replaced by a recorder. Each recorded launch is specialised the way Triton's own launcher does it (its
 binder: argument types, 16-byte alignment and divisibility, constexprs) and compiled with `triton.compile` for a
@@ -58,7 +58,7 @@ def _jit_kernels():
     import triton
 
     kernels = {}
-    for module in ("ddim_logprob", "group_advantages", "grpo_loss"):  # the package exports functions of these names
+    for module in ("step_logprob", "group_advantages", "grpo_loss"):  # the package exports functions of these names
         for name, value in vars(importlib.import_module(f"fastgrpo_kernels.{module}")).items():
             if name.endswith("_kernel"):
                 if not isinstance(value, triton.runtime.jit.JITFunction):
@@ -124,22 +124,31 @@ def _step_inputs(batch, shape, dtype, with_uncond, requires):
     return cond, uncond if with_uncond else None, sample, other, alpha_t, alpha_t + 0.2
 
 
-def exercise_ddim(dtypes=DTYPES, row_shapes=ROW_SHAPES) -> None:
-    """Call the DDIM ops once for every option combination (forward, sampling step, backward per gradient subset)."""
+def exercise_steps(dtypes=DTYPES, row_shapes=ROW_SHAPES) -> None:
+    """Call the step ops once for every option combination (forward, sampling step, backward per gradient subset).
+    DDIM and the flow SDE share the kernels (the sampler is in the step table, not in the code), so the flow ops
+    add no specialisation; they are exercised to prove it."""
     from fastgrpo import ops
 
-    for dtype, (batch, shape), with_uncond, prediction_type in itertools.product(
-            dtypes, row_shapes, (True, False), ("epsilon", "v_prediction")):
+    for dtype, (batch, shape), with_uncond, sampler in itertools.product(
+            dtypes, row_shapes, (True, False), ("epsilon", "v_prediction", "flow")):
         full_cross = (batch, shape) == row_shapes[0]  # gradient subsets need no more than one row length
-        step = dict(eta=1.0, guidance_scale=5.0, prediction_type=prediction_type, backend="triton")
-        cond, uncond, sample, noise, alpha_t, alpha_prev = _step_inputs(batch, shape, dtype, with_uncond, (False,) * 4)
-        ops.ddim_step(cond, sample, alpha_t, alpha_prev, noise, uncond_output=uncond, **step)
-        ops.ddim_logprob(cond, sample, noise, alpha_t, alpha_prev, uncond_output=uncond, **step)
+        if sampler == "flow":
+            step, logprob = ops.flow_sde_step, ops.flow_sde_logprob
+            settings = dict(noise_level=0.7, sigma_max=0.9, guidance_scale=5.0, backend="triton")
+        else:
+            step, logprob = ops.ddim_step, ops.ddim_logprob
+            settings = dict(eta=1.0, guidance_scale=5.0, prediction_type=sampler, backend="triton")
+        # (0.5, 0.7): alpha_prod_t < alpha_prod_t_prev for DDIM; reversed, sigma > sigma_prev for the flow
+        order = (1, 0) if sampler == "flow" else (0, 1)
+        cond, uncond, sample, noise, *schedule = _step_inputs(batch, shape, dtype, with_uncond, (False,) * 4)
+        step(cond, sample, *(schedule[k] for k in order), noise, uncond_output=uncond, **settings)
+        logprob(cond, sample, noise, *(schedule[k] for k in order), uncond_output=uncond, **settings)
         subsets = [s for s in itertools.product((False, True), repeat=4) if any(s) and (with_uncond or not s[1])]
         for requires in subsets if full_cross else [(True, with_uncond, False, False)]:
-            inputs = _step_inputs(batch, shape, dtype, with_uncond, requires)
-            ops.ddim_logprob(inputs[0], inputs[2], inputs[3], *inputs[4:], uncond_output=inputs[1],
-                             **step).sum().backward()
+            cond, uncond, sample, prev, *schedule = _step_inputs(batch, shape, dtype, with_uncond, requires)
+            logprob(cond, sample, prev, *(schedule[k] for k in order), uncond_output=uncond,
+                    **settings).sum().backward()
 
 
 def exercise_grpo(dtypes=DTYPES, group_sizes=GROUP_SIZES) -> None:
@@ -161,8 +170,8 @@ def exercise_grpo(dtypes=DTYPES, group_sizes=GROUP_SIZES) -> None:
 def launches(target) -> list[Launch]:
     """The distinct specialisations the ops launch, in first-launch order."""
     with recording(target) as recorded:
-        exercise_ddim()
-        exercise_ddim(LARGE_DTYPES, LARGE_ROW_SHAPES)
+        exercise_steps()
+        exercise_steps(LARGE_DTYPES, LARGE_ROW_SHAPES)
         exercise_grpo()
     return list({launch.key(): launch for launch in recorded}.values())
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrpo_kernels.ddim_logprob import launch, scalar_params
+from fastgrpo_kernels.step_logprob import launch, scalar_params
 
 BLOCK_N = 1024
 

@@ -1,22 +1,22 @@
-"""Triton kernels: per-sample Gaussian log-prob of a stochastic DDIM step, classifier-free guidance folded in.
+"""Triton kernels: per-sample Gaussian log-prob of a stochastic sampler step, classifier-free guidance folded in.
 
-Each program turns its sample's alpha_prod_t / alpha_prod_t_prev into DDIM coefficients (`_row_coefficients`), so
-for both epsilon and v prediction
+Each program reads its sample's row of the step table (`fastgrpo.ops.reference`, "sampler step coefficients":
+coef_x, coef_e, noise_std, precision, log_norm; DDIM and the flow-matching SDE both fill it), so
 
     guided = uncond + g * (cond - uncond)            (cond alone without CFG)
     mean   = coef_x * x_t + coef_e * guided
-    prev   = mean + std * noise                       (sampling variant only; stored in fp32)
-    logp   = -scale * sum((prev - mean)^2) / (2 std^2) + offset
+    prev   = mean + noise_std * noise                 (sampling variant only; stored in the compute dtype)
+    logp   = -scale * precision * sum((prev - mean)^2) + log_norm * count
 
-with scale = 1/N (mean over C*H*W) or 1 (sum) and offset = -(log std + log sqrt(2 pi)) * (1 or N).
+with scale = 1/N, count = 1 (mean over C*H*W) or scale = 1, count = N (sum).
 
 Forward: grid (B, num_chunks). Each program squares and sums one chunk of a row and stores the partial; the last
 program of a row to finish (an atomic counter) sums that row's partials in a fixed order, so the result is
 deterministic and there is one launch: the partials need no zeroing (only written slots are read), and the
 counters live in a zeroed buffer per (device, stream) that the last program of each row sets back to zero.
 When a gradient is needed the forward also stores the residual r = prev - mean. Every gradient is a per-sample
-multiple of r (d logp / d mean = grad_out * scale * r / std^2), so the backward is one elementwise launch that
-reads r alone and writes the requested gradients.
+multiple of r (d logp / d mean = grad_out * scale * 2 precision * r), so the backward is one elementwise launch
+that reads r alone and writes the requested gradients.
 Offsets are int64; nothing is written in place.
 """
 
@@ -29,25 +29,14 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024  # elements per program; fixed (tuning script: bench/tune_triton.py)
-LOG_SQRT_2PI = tl.constexpr(0.9189385332046727)  # a plain float global does not compile (interpreter only)
 
 
 @triton.jit
-def _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED: tl.constexpr, COMPUTE: tl.constexpr):
-    """(coef_x, coef_e, std) of sample `row`: mean = coef_x * x_t + coef_e * guided (DDIM eq. 12 and 16)."""
-    alpha_t = tl.load(alpha_t_ptr + row).to(COMPUTE)
-    alpha_prev = tl.load(alpha_prev_ptr + row).to(COMPUTE)
-    beta_t = 1.0 - alpha_t
-    std = eta * tl.sqrt((1.0 - alpha_prev) / beta_t * (1.0 - alpha_t / alpha_prev))
-    direction = tl.sqrt(1.0 - alpha_prev - std * std)
-    sqrt_t, sqrt_prev, sqrt_beta = tl.sqrt(alpha_t), tl.sqrt(alpha_prev), tl.sqrt(beta_t)
-    if V_PRED:
-        coef_x = sqrt_prev * sqrt_t + direction * sqrt_beta
-        coef_e = direction * sqrt_t - sqrt_prev * sqrt_beta
-    else:
-        coef_x = sqrt_prev / sqrt_t
-        coef_e = direction - sqrt_prev * sqrt_beta / sqrt_t
-    return coef_x, coef_e, std
+def _row_coefficients(table_ptr, row, COMPUTE: tl.constexpr):
+    """(coef_x, coef_e, noise_std, precision, log_norm) of sample `row`, from the (B, 5) float64 step table."""
+    base = table_ptr + row * 5
+    return (tl.load(base).to(COMPUTE), tl.load(base + 1).to(COMPUTE), tl.load(base + 2).to(COMPUTE),
+            tl.load(base + 3).to(COMPUTE), tl.load(base + 4).to(COMPUTE))
 
 
 @triton.jit
@@ -62,22 +51,20 @@ def _load_mean(cond_ptr, uncond_ptr, sample_ptr, offs, mask, coef_x, coef_e, gui
 
 
 @triton.jit
-def _ddim_logprob_fwd_kernel(
+def _step_logprob_fwd_kernel(
     cond_ptr, uncond_ptr, sample_ptr, target_ptr, prev_out_ptr,  # (B, N) rows; target = prev_sample or noise
     residual_ptr,                                                 # (B, N): prev - mean, when SAVE_RESIDUAL
-    alpha_t_ptr, alpha_prev_ptr,                                  # (B,)
+    table_ptr,                                                    # (B, 5) float64 step table
     partial_ptr, counter_ptr, out_ptr,                            # (B, MAX_CHUNKS), (B,) int32, (B,)
-    n_elements, num_chunks, guidance, scale, eta, count, params_ptr,
-    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr, V_PRED: tl.constexpr,
-    MAX_CHUNKS: tl.constexpr,
+    n_elements, num_chunks, guidance, scale, count, params_ptr,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr, MAX_CHUNKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr, PARAMS_IN_MEMORY: tl.constexpr,
 ):
     if PARAMS_IN_MEMORY:  # fp64: float arguments would be rounded to fp32
         guidance = tl.load(params_ptr)
         scale = tl.load(params_ptr + 1)
-        eta = tl.load(params_ptr + 2)
     row = tl.program_id(0)
-    coef_x, coef_e, std = _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED, COMPUTE)
+    coef_x, coef_e, std, precision, log_norm = _row_coefficients(table_ptr, row, COMPUTE)
     chunk = tl.program_id(1)
     cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
@@ -98,31 +85,29 @@ def _ddim_logprob_fwd_kernel(
         idx = tl.arange(0, MAX_CHUNKS)
         partials = tl.load(partial_ptr + row * MAX_CHUNKS + idx, mask=idx < num_chunks, other=0.0, volatile=True)
         total = tl.sum(partials, axis=0)
-        offset = -(tl.log(std) + LOG_SQRT_2PI) * count
-        tl.store(out_ptr + row, -scale * total / (2.0 * std * std) + offset)
+        tl.store(out_ptr + row, -scale * precision * total + log_norm * count)
         tl.store(counter_ptr + row, 0)  # every program of this row has arrived: ready for the next launch
 
 
 @triton.jit
-def _ddim_logprob_bwd_kernel(
-    grad_out_ptr, residual_ptr, alpha_t_ptr, alpha_prev_ptr,
+def _step_logprob_bwd_kernel(
+    grad_out_ptr, residual_ptr, table_ptr,
     grad_cond_ptr, grad_uncond_ptr, grad_sample_ptr, grad_prev_ptr,
-    grad_out_stride, n_elements, guidance, scale, eta, params_ptr,
+    grad_out_stride, n_elements, guidance, scale, params_ptr,
     HAS_UNCOND: tl.constexpr, GRAD_COND: tl.constexpr, GRAD_UNCOND: tl.constexpr, GRAD_SAMPLE: tl.constexpr,
-    GRAD_PREV: tl.constexpr, V_PRED: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
+    GRAD_PREV: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
     PARAMS_IN_MEMORY: tl.constexpr,
 ):
     if PARAMS_IN_MEMORY:
         guidance = tl.load(params_ptr)
         scale = tl.load(params_ptr + 1)
-        eta = tl.load(params_ptr + 2)
     row = tl.program_id(0)
-    coef_x, coef_e, std = _row_coefficients(alpha_t_ptr, alpha_prev_ptr, row, eta, V_PRED, COMPUTE)
+    coef_x, coef_e, _, precision, _ = _row_coefficients(table_ptr, row, COMPUTE)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < n_elements
     offs = row.to(tl.int64) * n_elements + cols
-    # d logp / d mean = grad_out * scale * (prev - mean) / std^2
-    factor = tl.load(grad_out_ptr + row * grad_out_stride).to(COMPUTE) * scale / (std * std)
+    # d logp / d mean = grad_out * scale * 2 precision * (prev - mean)
+    factor = tl.load(grad_out_ptr + row * grad_out_stride).to(COMPUTE) * scale * 2.0 * precision
     d_mean = factor * tl.load(residual_ptr + offs, mask=mask)
     d_guided = d_mean * coef_e
     if GRAD_COND:
@@ -179,18 +164,23 @@ def _row_counters(batch: int, device: torch.device) -> torch.Tensor:
     return counters
 
 
+def _table(table: torch.Tensor, batch: int) -> torch.Tensor:
+    if table.shape != (batch, 5) or table.dtype != torch.float64:
+        raise ValueError(f"the step table must be ({batch}, 5) float64, got {tuple(table.shape)} {table.dtype}")
+    return table.contiguous()
+
+
 def _rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.reshape(tensor.shape[0], -1).contiguous()
 
 
-def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, eta: float, guidance: float,
-                         v_prediction: bool, sum_reduction: bool, has_noise: bool, compute_dtype: torch.dtype,
-                         save_residual: bool = False):
-    """Launch the forward. Tensors (B, ...) of any float dtype; alphas (B,). target is prev_sample, or the noise
+def step_logprob_forward(cond, uncond, sample, target, table, *, guidance: float, sum_reduction: bool,
+                         has_noise: bool, compute_dtype: torch.dtype, save_residual: bool = False):
+    """Launch the forward. Tensors (B, ...) of any float dtype; table (B, 5) float64. target is prev_sample, or the noise
     when has_noise. Returns (log_prob (B,), prev_sample or None, residual prev - mean or None), all in
     compute_dtype; the residual (for the backward) only when save_residual, which the sampling variant does not take."""
     if has_noise and save_residual:
-        raise ValueError("ddim_logprob_forward: the sampling variant saves no residual")
+        raise ValueError("step_logprob_forward: the sampling variant saves no residual")
     batch = cond.shape[0]
     cond_rows, uncond_rows, sample_rows, target_rows = (_rows(t) for t in (cond, uncond, sample, target))
     n_elements = cond_rows.shape[1]
@@ -206,22 +196,21 @@ def ddim_logprob_forward(cond, uncond, sample, target, alpha_t, alpha_prev, *, e
     prev_out, residual = rows_or_none(has_noise), rows_or_none(save_residual)
     scale = 1.0 if sum_reduction else 1.0 / n_elements
     count = float(n_elements) if sum_reduction else 1.0
-    params, in_memory = scalar_params([guidance, scale, eta], compute_dtype, cond.device)
-    launch(_ddim_logprob_fwd_kernel, (batch, num_chunks), cond.device,
+    params, in_memory = scalar_params([guidance, scale], compute_dtype, cond.device)
+    launch(_step_logprob_fwd_kernel, (batch, num_chunks), cond.device,
         cond_rows, uncond_rows if uncond_rows is not None else cond_rows, sample_rows, target_rows,
         prev_out if prev_out is not None else out, residual if residual is not None else out,
-        alpha_t.contiguous(), alpha_prev.contiguous(), partial, counter, out, n_elements, num_chunks,
-        float(guidance), scale, float(eta), count, params if in_memory else out,
-        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, SAVE_RESIDUAL=save_residual, V_PRED=v_prediction,
+        _table(table, batch), partial, counter, out, n_elements, num_chunks,
+        float(guidance), scale, count, params if in_memory else out,
+        HAS_UNCOND=uncond is not None, HAS_NOISE=has_noise, SAVE_RESIDUAL=save_residual,
         MAX_CHUNKS=max_chunks, BLOCK_SIZE=BLOCK, COMPUTE=_compute_dtype(compute_dtype), PARAMS_IN_MEMORY=in_memory)
     return out, *(t.view(cond.shape) if t is not None else None for t in (prev_out, residual))
 
 
-def ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, *, eta: float, guidance: float,
-                          v_prediction: bool, sum_reduction: bool, has_uncond: bool,
+def step_logprob_backward(grad_out, residual, table, *, guidance: float, sum_reduction: bool, has_uncond: bool,
                           needs: tuple[bool, bool, bool, bool]):
     """Gradients of the log-prob with respect to (cond, uncond, sample, prev) from the forward's residual, in the
-    residual's dtype; None where `needs` is False (uncond also without CFG). grad_out and alphas: (B,)."""
+    residual's dtype; None where `needs` is False (uncond also without CFG). grad_out: (B,); table (B, 5) float64."""
     batch = residual.shape[0]
     residual_rows = _rows(residual)
     n_elements = residual_rows.shape[1]
@@ -229,12 +218,12 @@ def ddim_logprob_backward(grad_out, residual, alpha_t, alpha_prev, *, eta: float
     grads = [torch.empty_like(residual_rows) if flag else None for flag in wanted]
     placeholder = residual_rows
     scale = 1.0 if sum_reduction else 1.0 / n_elements
-    params, in_memory = scalar_params([guidance, scale, eta], residual.dtype, residual.device)
+    params, in_memory = scalar_params([guidance, scale], residual.dtype, residual.device)
     # grad_out is read with its stride: the backward of a sum passes an expanded scalar (a copy would be a launch)
-    launch(_ddim_logprob_bwd_kernel, (batch, triton.cdiv(n_elements, BLOCK)), residual.device,
-        grad_out, residual_rows, alpha_t.contiguous(), alpha_prev.contiguous(),
+    launch(_step_logprob_bwd_kernel, (batch, triton.cdiv(n_elements, BLOCK)), residual.device,
+        grad_out, residual_rows, _table(table, batch),
         *(g if g is not None else placeholder for g in grads), grad_out.stride(0), n_elements, float(guidance),
-        scale, float(eta), params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0],
-        GRAD_UNCOND=wanted[1], GRAD_SAMPLE=wanted[2], GRAD_PREV=wanted[3], V_PRED=v_prediction, BLOCK_SIZE=BLOCK,
+        scale, params if in_memory else placeholder, HAS_UNCOND=has_uncond, GRAD_COND=wanted[0],
+        GRAD_UNCOND=wanted[1], GRAD_SAMPLE=wanted[2], GRAD_PREV=wanted[3], BLOCK_SIZE=BLOCK,
         COMPUTE=_compute_dtype(residual.dtype), PARAMS_IN_MEMORY=in_memory)
     return tuple(g.view(residual.shape) if g is not None else None for g in grads)
