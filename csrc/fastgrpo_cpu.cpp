@@ -48,7 +48,9 @@ std::vector<Row> all_rows(const at::Tensor& table, int64_t batch, double count) 
   const auto contiguous = table.contiguous();
   const double* t = contiguous.data_ptr<double>();
   std::vector<Row> rows(batch);
-  for (int64_t b = 0; b < batch; ++b) rows[b] = Row{t[5 * b], t[5 * b + 1], t[5 * b + 2], t[5 * b + 3], t[5 * b + 4] * count};
+  for (int64_t b = 0; b < batch; ++b) {
+    rows[b] = Row{t[5 * b], t[5 * b + 1], t[5 * b + 2], t[5 * b + 3], t[5 * b + 4] * count};
+  }
   return rows;
 }
 
@@ -267,9 +269,40 @@ at::Tensor group_advantages(const at::Tensor& rewards, int64_t group_size, bool 
   return out;
 }
 
+// The loss's optional per-entry inputs: RatioNorm's bias and scale (together), and weights.
+template <typename T>
+struct LossExtras {
+  const T* bias = nullptr;
+  const T* scale = nullptr;
+  const T* weight = nullptr;
+
+  LossExtras(const at::Tensor& like, const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& s,
+             const c10::optional<at::Tensor>& w) {
+    TORCH_CHECK(b.has_value() == s.has_value(), "fastgrpo cpu: ratio_bias and ratio_scale come together");
+    if (b.has_value()) {
+      check_inputs(like, {*b, *s});
+      bias = b->data_ptr<T>();
+      scale = s->data_ptr<T>();
+    }
+    if (w.has_value()) {
+      check_inputs(like, {*w});
+      weight = w->data_ptr<T>();
+    }
+  }
+
+  // (logp - old + bias) * scale, or logp - old
+  double log_ratio(double logp, double old, int64_t i) const {
+    return scale ? (logp - old + bias[i]) * scale[i] : logp - old;
+  }
+  double weighted(double value, int64_t i) const { return weight ? value * weight[i] : value; }
+};
+
 // Returns the (7,) stats vector [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl].
+// loss = mean(w * max(-A r, -A clip(r))) + kl_coef * k3 KL, r = exp((logp - old + bias) * scale).
 at::Tensor grpo_loss_forward(const at::Tensor& log_probs, const at::Tensor& old_log_probs,
                              const at::Tensor& advantages, const c10::optional<at::Tensor>& ref_log_probs,
+                             const c10::optional<at::Tensor>& ratio_bias,
+                             const c10::optional<at::Tensor>& ratio_scale, const c10::optional<at::Tensor>& weights,
                              double clip_low, double clip_high, double kl_coef) {
   check_inputs(log_probs, {old_log_probs, advantages});
   if (ref_log_probs.has_value()) check_inputs(log_probs, {*ref_log_probs});
@@ -280,13 +313,14 @@ at::Tensor grpo_loss_forward(const at::Tensor& log_probs, const at::Tensor& old_
     const scalar_t* old = old_log_probs.data_ptr<scalar_t>();
     const scalar_t* adv = advantages.data_ptr<scalar_t>();
     const scalar_t* ref = ref_log_probs.has_value() ? ref_log_probs->data_ptr<scalar_t>() : nullptr;
+    const LossExtras<scalar_t> extras(log_probs, ratio_bias, ratio_scale, weights);
     double loss = 0, sq = 0, clipped = 0, ratio_sum = 0, kl = 0;
     double ratio_min = std::numeric_limits<double>::infinity(), ratio_max = -ratio_min;
     for (int64_t i = 0; i < n; ++i) {
-      const double log_ratio = static_cast<double>(lp[i]) - old[i];
+      const double log_ratio = extras.log_ratio(lp[i], old[i], i);
       const double ratio = std::exp(log_ratio);
       const double bounded = std::min(std::max(ratio, 1.0 - clip_low), 1.0 + clip_high);
-      loss += std::max(-adv[i] * ratio, -adv[i] * bounded);
+      loss += extras.weighted(std::max(-adv[i] * ratio, -adv[i] * bounded), i);
       sq += log_ratio * log_ratio;
       clipped += (ratio < 1.0 - clip_low || ratio > 1.0 + clip_high) ? 1.0 : 0.0;
       ratio_sum += ratio;
@@ -305,31 +339,42 @@ at::Tensor grpo_loss_forward(const at::Tensor& log_probs, const at::Tensor& old_
   return stats;
 }
 
-at::Tensor grpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& log_probs,
-                              const at::Tensor& old_log_probs, const at::Tensor& advantages,
-                              const c10::optional<at::Tensor>& ref_log_probs, double clip_low, double clip_high,
-                              double kl_coef) {
+// Returns {d loss / d log_probs, d loss / d ratio_bias (undefined without RatioNorm)}.
+std::vector<at::Tensor> grpo_loss_backward(const at::Tensor& grad_loss, const at::Tensor& log_probs,
+                                           const at::Tensor& old_log_probs, const at::Tensor& advantages,
+                                           const c10::optional<at::Tensor>& ref_log_probs,
+                                           const c10::optional<at::Tensor>& ratio_bias,
+                                           const c10::optional<at::Tensor>& ratio_scale,
+                                           const c10::optional<at::Tensor>& weights, double clip_low,
+                                           double clip_high, double kl_coef) {
   check_inputs(log_probs, {old_log_probs, advantages});
   auto grad = at::empty_like(log_probs);
+  auto grad_bias = ratio_scale.has_value() ? at::empty_like(log_probs) : at::Tensor();
   const int64_t n = log_probs.numel();
   AT_DISPATCH_FLOATING_TYPES(log_probs.scalar_type(), "grpo_loss_backward", [&] {
     const scalar_t* lp = log_probs.data_ptr<scalar_t>();
     const scalar_t* old = old_log_probs.data_ptr<scalar_t>();
     const scalar_t* adv = advantages.data_ptr<scalar_t>();
     const scalar_t* ref = ref_log_probs.has_value() ? ref_log_probs->data_ptr<scalar_t>() : nullptr;
+    const LossExtras<scalar_t> extras(log_probs, ratio_bias, ratio_scale, weights);
     const double upstream = grad_loss.item<double>() / n;
     scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* gb = grad_bias.defined() ? grad_bias.data_ptr<scalar_t>() : nullptr;
     for (int64_t i = 0; i < n; ++i) {
-      const double ratio = std::exp(static_cast<double>(lp[i]) - old[i]);
+      const double ratio = std::exp(extras.log_ratio(lp[i], old[i], i));
       const double bounded = std::min(std::max(ratio, 1.0 - clip_low), 1.0 + clip_high);
       const bool inside = ratio >= 1.0 - clip_low && ratio <= 1.0 + clip_high;
       const bool active = (-adv[i] * ratio > -adv[i] * bounded) || inside;
-      double value = active ? -adv[i] * ratio : 0.0;
+      double policy = active ? -adv[i] * ratio : 0.0;
+      if (extras.scale) policy *= extras.scale[i];
+      policy = extras.weighted(policy, i);
+      double value = policy;
       if (ref) value += kl_coef * (1.0 - std::exp(static_cast<double>(ref[i]) - lp[i]));
       g[i] = static_cast<scalar_t>(value * upstream);
+      if (gb) gb[i] = static_cast<scalar_t>(policy * upstream);
     }
   });
-  return grad;
+  return {grad, grad_bias};
 }
 
 // The log-prob's autograd node, built directly (as PyTorch's own generated nodes are) rather than through

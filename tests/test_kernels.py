@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -337,6 +339,52 @@ def test_grpo_loss_matches_reference(backend, with_ref, clip_high, n):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("normalised,weighted", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_grpo_loss_variants_match_the_reference_and_float64_loop(backend, normalised, weighted, with_ref):
+    """RatioNorm (bias + scale, the bias differentiated) and per-entry weights: every backend against the reference,
+    and the reference against a float64 loop over the entries written from the formula."""
+    n = 257
+    log_probs, old, adv, ref = loss_inputs(n, seed=21, spread=0.3)
+    gen = torch.Generator().manual_seed(22)
+    bias = (0.05 * torch.rand(n, generator=gen, dtype=torch.float64)).to(DEVICE) if normalised else None
+    scale = (0.2 + 2 * torch.rand(n, generator=gen, dtype=torch.float64)).to(DEVICE) if normalised else None
+    weights = (0.1 + 3 * torch.rand(n, generator=gen, dtype=torch.float64)).to(DEVICE) if weighted else None
+    ref = ref if with_ref else None
+    results = {}
+    for name in ("reference", backend):
+        lp = log_probs.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True) if normalised else None
+        loss, stats = ops.grpo_loss(lp, old, adv, clip_range=0.1, clip_range_high=0.15, ref_log_probs=ref,
+                                    kl_coef=0.3, ratio_bias=b, ratio_scale=scale, weights=weights, backend=name)
+        loss.backward()
+        results[name] = (loss.detach(), stats, lp.grad, b.grad if normalised else None)
+    for got, want in zip(results[backend][:1] + results[backend][2:], results["reference"][:1] +
+                         results["reference"][2:]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for key in results["reference"][1]:
+        torch.testing.assert_close(results[backend][1][key], results["reference"][1][key], rtol=1e-10, atol=1e-12)
+    # float64 loop, from the formula
+    total, total_kl = 0.0, 0.0
+    for i in range(n):
+        log_ratio = float(log_probs[i] - old[i])
+        if normalised:
+            log_ratio = (log_ratio + float(bias[i])) * float(scale[i])
+        ratio = math.exp(log_ratio)
+        term = max(-float(adv[i]) * ratio, -float(adv[i]) * min(max(ratio, 0.9), 1.15))
+        total += term * (float(weights[i]) if weighted else 1.0)
+        if with_ref:
+            delta = float(ref[i] - log_probs[i])
+            total_kl += math.exp(delta) - delta - 1
+    assert results["reference"][0].item() == pytest.approx(total / n + 0.3 * total_kl / n, rel=1e-12, abs=1e-12)
+    if normalised:  # the bias's gradient is the policy part of log_probs' gradient
+        kl_part = 0.3 * (1 - torch.exp(ref - log_probs)) / n if with_ref else 0.0
+        torch.testing.assert_close(results["reference"][3], results["reference"][2] - kl_part, rtol=1e-10,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_grpo_loss_all_clipped_has_zero_gradient(backend):
     old = torch.zeros(6, device=DEVICE)
     log_probs = torch.full((6,), 0.5, requires_grad=True, device=DEVICE)
@@ -364,7 +412,11 @@ def test_opcheck(backend, op):
         torch.library.opcheck(ops.step_sample_op, args)
     elif op == "grpo_loss":
         log_probs, old, adv, ref = loss_inputs(9, seed=7, dtype=torch.float32)
-        torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, 0.05, 0.08, 0.1, backend))
+        torch.library.opcheck(ops.grpo_loss_op, (log_probs.requires_grad_(True), old, adv, ref, None, None, None,
+                                                 0.05, 0.08, 0.1, backend))
+        bias, scale, weights = (t.abs() for t in loss_inputs(9, seed=8, dtype=torch.float32)[:3])
+        torch.library.opcheck(ops.grpo_loss_op, (log_probs, old, adv, ref, bias.requires_grad_(True), scale,
+                                                 weights, 0.05, 0.08, 0.1, backend))
     else:
         torch.library.opcheck(ops.group_advantages_op, (torch.randn(8, device=DEVICE), 4, False, True, 2.5, 1e-8,
                                                          backend))

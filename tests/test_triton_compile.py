@@ -76,8 +76,9 @@ def test_every_advantage_and_loss_specialisation_compiles(compiled, arch):
     assert {r["signature"]["rewards_ptr"] for r in advantages} == {"*fp32", "*bf16", "*fp16", "*fp64"}
     for kernel in ("_grpo_loss_fwd_kernel", "_grpo_loss_bwd_kernel"):
         loss = _of(compiled, kernel, arch)
-        assert {(r["signature"]["logp_ptr"], r["constexprs"]["HAS_REF"]) for r in loss} == set(
-            itertools.product(("*fp32", "*bf16", "*fp16", "*fp64"), (True, False)))
+        assert {(r["signature"]["logp_ptr"], r["constexprs"]["HAS_REF"], r["constexprs"]["NORMALISED"],
+                 r["constexprs"]["HAS_WEIGHT"]) for r in loss} == set(
+            itertools.product(("*fp32", "*bf16", "*fp16", "*fp64"), (True, False), (True, False), (True, False)))
 
 
 def test_no_specialisation_spills_registers(compiled):

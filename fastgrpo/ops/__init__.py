@@ -209,26 +209,34 @@ def group_advantages(rewards: torch.Tensor, group_size: int | torch.Tensor, *, s
 
 def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, *, clip_range: float,
               ref_log_probs: torch.Tensor | None = None, kl_coef: float = 0.0, clip_range_high: float | None = None,
+              ratio_bias: torch.Tensor | None = None, ratio_scale: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None,
               backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-ratio GRPO loss over M entries (M,) -> (scalar loss, stats); the ratio is clipped to
-    [1 - clip_range, 1 + clip_range_high] (None: clip_range); see `reference.grpo_loss`."""
-    for name, tensor in (("old_log_probs", old_log_probs), ("advantages", advantages),
-                         ("ref_log_probs", ref_log_probs)):
+    [1 - clip_range, 1 + clip_range_high] (None: clip_range). ratio_bias + ratio_scale (M,): GRPO-Guard's ratio
+    normalisation; weights (M,): per-entry weights of the clipped term. See `reference.grpo_loss`."""
+    optional = (("ref_log_probs", ref_log_probs), ("ratio_bias", ratio_bias), ("ratio_scale", ratio_scale),
+                ("weights", weights))
+    for name, tensor in (("old_log_probs", old_log_probs), ("advantages", advantages), *optional):
         if tensor is not None and tensor.shape != log_probs.shape:
             raise ValueError(f"grpo_loss: {name} has shape {tuple(tensor.shape)}, expected {tuple(log_probs.shape)}")
+    if (ratio_bias is None) != (ratio_scale is None):
+        raise ValueError("grpo_loss: ratio_bias and ratio_scale come together (GRPO-Guard's ratio normalisation)")
     clip_high = clip_range if clip_range_high is None else clip_range_high
     if not (clip_range > 0 and clip_high > 0):
         raise ValueError(f"grpo_loss: clip_range must be > 0, got {clip_range} (clip_range_high {clip_range_high})")
     rejections = {}
-    if any(t is not None and t.requires_grad for t in (old_log_probs, advantages, ref_log_probs)):
-        rejections = {name: "old_log_probs/advantages/ref_log_probs require grad (only log_probs is "
-                            "differentiated)" for name in ("triton", "cpp")}
+    if any(t is not None and t.requires_grad for t in (old_log_probs, advantages, ref_log_probs, ratio_scale,
+                                                       weights)):
+        rejections = {name: "old_log_probs/advantages/ref_log_probs/ratio_scale/weights require grad (only "
+                            "log_probs and ratio_bias are differentiated)" for name in ("triton", "cpp")}
     chosen = select_backend("grpo_loss", log_probs, backend, rejections)
     if chosen == "reference":
         return reference.grpo_loss(log_probs, old_log_probs, advantages, clip_range=clip_range,
-                                   ref_log_probs=ref_log_probs, kl_coef=kl_coef, clip_range_high=clip_high)
-    loss, stats = grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, float(clip_range),
-                                  float(clip_high), float(kl_coef), chosen)
+                                   ref_log_probs=ref_log_probs, kl_coef=kl_coef, clip_range_high=clip_high,
+                                   ratio_bias=ratio_bias, ratio_scale=ratio_scale, weights=weights)
+    loss, stats = grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale,
+                                  weights, float(clip_range), float(clip_high), float(kl_coef), chosen)
     values = stats.unbind()
     named = dict(zip(STAT_NAMES[1:] if ref_log_probs is not None else STAT_NAMES[1:-1], values[1:]))
     return loss, named

@@ -39,71 +39,84 @@ def _(rewards, group_size, global_std, unbiased, clip, eps, backend):
     return torch.empty_like(rewards, dtype=compute_dtype(rewards))
 
 
-def _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
-    dtype = compute_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
+def _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights, clip_low,
+                  clip_high, kl_coef, backend):
+    extras = (ref_log_probs, ratio_bias, ratio_scale, weights)
+    dtype = compute_dtype(log_probs, old_log_probs, advantages, *extras)
     if backend == "triton":
         module, _ = triton_kernels()
-        return module.grpo_loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_low=clip_low,
+        return module.grpo_loss_forward(log_probs, old_log_probs, advantages, *extras, clip_low=clip_low,
                                         clip_high=clip_high, kl_coef=kl_coef, compute_dtype=dtype)
     module, _ = cpp_kernels()
-    return module.grpo_loss_forward(*_ready(dtype, log_probs, old_log_probs, advantages, ref_log_probs), clip_low,
+    return module.grpo_loss_forward(*_ready(dtype, log_probs, old_log_probs, advantages, *extras), clip_low,
                                     clip_high, kl_coef)
 
 
 @torch.library.custom_op("fastgrpo::grpo_loss", mutates_args=())
 def grpo_loss_op(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                 ref_log_probs: torch.Tensor | None, clip_low: float, clip_high: float, kl_coef: float,
-                 backend: str) -> torch.Tensor:
-    return _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend)
+                 ref_log_probs: torch.Tensor | None, ratio_bias: torch.Tensor | None,
+                 ratio_scale: torch.Tensor | None, weights: torch.Tensor | None, clip_low: float, clip_high: float,
+                 kl_coef: float, backend: str) -> torch.Tensor:
+    return _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights,
+                         clip_low, clip_high, kl_coef, backend)
 
 
 @grpo_loss_op.register_fake
-def _(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
-    return log_probs.new_empty((len(STAT_NAMES),), dtype=compute_dtype(log_probs, old_log_probs, advantages,
-                                                                       ref_log_probs))
+def _(log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights, clip_low, clip_high,
+      kl_coef, backend):
+    return log_probs.new_empty((len(STAT_NAMES),), dtype=compute_dtype(
+        log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights))
 
 
-def _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high,
-                        kl_coef, backend):
-    dtype = compute_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
+def _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale,
+                        weights, clip_low, clip_high, kl_coef, backend):
+    """(d loss / d log_probs, d loss / d ratio_bias or None), in the inputs' dtypes."""
+    extras = (ref_log_probs, ratio_bias, ratio_scale, weights)
+    dtype = compute_dtype(log_probs, old_log_probs, advantages, *extras)
     if backend == "triton":
         module, _ = triton_kernels()
-        grad = module.grpo_loss_backward(grad_loss.to(dtype), log_probs, old_log_probs, advantages, ref_log_probs,
-                                         clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
-                                         compute_dtype=dtype)
+        grad, grad_bias = module.grpo_loss_backward(grad_loss.to(dtype), log_probs, old_log_probs, advantages,
+                                                    *extras, clip_low=clip_low, clip_high=clip_high,
+                                                    kl_coef=kl_coef, compute_dtype=dtype)
     else:
         module, _ = cpp_kernels()
-        grad = module.grpo_loss_backward(*_ready(dtype, grad_loss, log_probs, old_log_probs, advantages,
-                                                 ref_log_probs), clip_low, clip_high, kl_coef)
-    return grad.to(log_probs.dtype)
+        grad, grad_bias = module.grpo_loss_backward(*_ready(dtype, grad_loss, log_probs, old_log_probs, advantages,
+                                                            *extras), clip_low, clip_high, kl_coef)
+    return grad.to(log_probs.dtype), (grad_bias.to(ratio_bias.dtype) if grad_bias is not None else None)
 
 
 @torch.library.custom_op("fastgrpo::grpo_loss_backward", mutates_args=())
 def grpo_loss_backward_op(grad_loss: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor,
-                          advantages: torch.Tensor, ref_log_probs: torch.Tensor | None, clip_low: float,
-                          clip_high: float, kl_coef: float, backend: str) -> torch.Tensor:
-    return _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high,
-                               kl_coef, backend)
+                          advantages: torch.Tensor, ref_log_probs: torch.Tensor | None,
+                          ratio_bias: torch.Tensor | None, ratio_scale: torch.Tensor | None,
+                          weights: torch.Tensor | None, clip_low: float, clip_high: float, kl_coef: float,
+                          backend: str) -> list[torch.Tensor]:
+    grad, grad_bias = _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs,
+                                          ratio_bias, ratio_scale, weights, clip_low, clip_high, kl_coef, backend)
+    return [grad, grad_bias if grad_bias is not None else grad.new_empty((0,))]
 
 
 @grpo_loss_backward_op.register_fake
-def _(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
-    return torch.empty_like(log_probs)
+def _(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights, clip_low,
+      clip_high, kl_coef, backend):
+    return [torch.empty_like(log_probs),
+            torch.empty_like(ratio_bias) if ratio_scale is not None else log_probs.new_empty((0,))]
 
 
 def _loss_setup(ctx, inputs, output):
-    log_probs, old_log_probs, advantages, ref_log_probs, *settings = inputs
-    ctx.save_for_backward(log_probs, old_log_probs, advantages, ref_log_probs)
+    tensors, settings = inputs[:7], inputs[7:]
+    ctx.save_for_backward(*tensors)
     ctx.settings = settings  # clip_low, clip_high, kl_coef, backend
 
 
 def _loss_backward(ctx, grad_stats):
-    log_probs, old_log_probs, advantages, ref_log_probs = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = grpo_loss_backward_op(grad_stats[0], log_probs, old_log_probs, advantages, ref_log_probs,
-                                     *ctx.settings)
-    return grad, None, None, None, None, None, None, None
+    tensors = ctx.saved_tensors
+    grad = grad_bias = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+        grad, grad_bias = grpo_loss_backward_op(grad_stats[0], *tensors, *ctx.settings)
+        grad = grad if ctx.needs_input_grad[0] else None
+        grad_bias = grad_bias if ctx.needs_input_grad[4] else None
+    return grad, None, None, None, grad_bias, None, None, None, None, None, None
 
 
 grpo_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
@@ -118,27 +131,31 @@ class GrpoLossFunction(torch.autograd.Function):
     (one launch; a select of the stats vector would add a zero-fill and a copy), and the stats vector detached."""
 
     @staticmethod
-    def forward(ctx, log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
-        ctx.save_for_backward(log_probs, old_log_probs, advantages, ref_log_probs)
+    def forward(ctx, log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights,
+                clip_low, clip_high, kl_coef, backend):
+        tensors = (log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights)
+        ctx.save_for_backward(*tensors)
         ctx.settings = (clip_low, clip_high, kl_coef, backend)
         ctx.set_materialize_grads(False)
-        stats = _loss_forward(log_probs, old_log_probs, advantages, ref_log_probs, *ctx.settings)
+        stats = _loss_forward(*tensors, *ctx.settings)
         ctx.mark_non_differentiable(stats)
         return stats[0], stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        if grad_loss is None or not ctx.needs_input_grad[0]:
-            return (None,) * 8
-        log_probs, old_log_probs, advantages, ref_log_probs = ctx.saved_tensors
-        grad = _loss_backward_impl(grad_loss, log_probs, old_log_probs, advantages, ref_log_probs, *ctx.settings)
-        return grad, None, None, None, None, None, None, None
+        if grad_loss is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[4]):
+            return (None,) * 11
+        grad, grad_bias = _loss_backward_impl(grad_loss, *ctx.saved_tensors, *ctx.settings)
+        return (grad if ctx.needs_input_grad[0] else None, None, None, None,
+                grad_bias if ctx.needs_input_grad[4] else None, *(None,) * 6)
 
 
-def grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend):
+def grpo_loss_fused(log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights, clip_low,
+                    clip_high, kl_coef, backend):
     """(loss 0-dim, stats (7,) without gradient) on a fused backend; the ratio is clipped to
     [1 - clip_low, 1 + clip_high]."""
-    args = (log_probs, old_log_probs, advantages, ref_log_probs, clip_low, clip_high, kl_coef, backend)
+    args = (log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights, clip_low,
+            clip_high, kl_coef, backend)
     if torch.compiler.is_compiling():
         stats = grpo_loss_op(*args)
         return stats[0], stats.detach()

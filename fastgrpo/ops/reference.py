@@ -250,26 +250,38 @@ def _group_ids(rewards, group_size):
 
 
 def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs=None, kl_coef=0.0,
-              clip_range_high=None):
+              clip_range_high=None, ratio_bias=None, ratio_scale=None, weights=None):
     """PPO clipped-ratio loss (mean over the M entries) plus an optional KL-to-reference penalty.
 
     The ratio is clipped to [1 - clip_range, 1 + clip_range_high] (clip_range_high None: clip_range, the symmetric
     PPO clip; a larger clip_range_high is DAPO's "clip higher", which lets low-probability actions grow further).
+
+    Ratio normalisation (GRPO-Guard's RatioNorm; ratio_bias and ratio_scale (M,) together): the log-ratio becomes
+    (log_probs - old_log_probs + ratio_bias) * ratio_scale. With ratio_bias = mean((mu - mu_old)^2) / (2 std^2), the
+    squared drift of the step's mean that pulls the ratio's mean below 1, and ratio_scale = std (the step's noise
+    std), the log-ratio is the drift's projection on the sampled noise, on one scale at every step. ratio_bias is
+    differentiable. weights (M,): each entry's clipped term is multiplied by its weight before the mean (GRPO-Guard's
+    per-step gradient reweighting, e.g. 1 / (-dt) for the flow SDE).
 
     log_probs, old_log_probs, advantages, ref_log_probs: (M,). The KL term uses the k3 estimator
     `exp(ref - logp) - (ref - logp) - 1` (non-negative, unbiased for KL(policy || reference) under policy samples).
     Returns (loss, stats): stats are detached 0-dim tensors `approx_kl` (0.5 * mean((logp - old)^2)), `clipfrac`
     (fraction of ratios outside the clip interval), `ratio_mean`, `ratio_min`, `ratio_max`, and `kl` when a reference is given.
     """
-    dtype = math_dtype(log_probs, old_log_probs, advantages, ref_log_probs)
-    log_probs, old_log_probs, advantages, ref_log_probs = _cast(
-        dtype, log_probs, old_log_probs, advantages, ref_log_probs)
+    if (ratio_bias is None) != (ratio_scale is None):
+        raise ValueError("ratio_bias and ratio_scale come together (GRPO-Guard's RatioNorm)")
+    dtype = math_dtype(log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights)
+    log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights = _cast(
+        dtype, log_probs, old_log_probs, advantages, ref_log_probs, ratio_bias, ratio_scale, weights)
     log_ratio = log_probs - old_log_probs
+    if ratio_scale is not None:
+        log_ratio = (log_ratio + ratio_bias) * ratio_scale
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     low, high = 1.0 - clip_range, 1.0 + (clip_range if clip_range_high is None else clip_range_high)
     clipped = -advantages * torch.clamp(ratio, low, high)
-    loss = torch.maximum(unclipped, clipped).mean()
+    terms = torch.maximum(unclipped, clipped)
+    loss = (terms if weights is None else terms * weights).mean()
     stats = {
         "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
         "clipfrac": ((ratio.detach() < low) | (ratio.detach() > high)).to(dtype).mean(),

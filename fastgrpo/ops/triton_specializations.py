@@ -4,7 +4,8 @@ The interpreter (TRITON_INTERPRET=1, how the CPU tests run the kernels) accepts 
 rejects, so passing kernel tests say nothing about CUDA. This module drives `fastgrpo.ops` with backend='triton'
 through every option the ops expose (CFG or not, sampling step or log-prob, with or without a residual, DDIM with
 epsilon or v prediction and the flow-matching SDE, each subset of gradients, fp32/bf16/fp16/fp64 inputs, several row lengths; advantages with group or
-global std, biased or not, clipped or not; the loss with or without a reference) on CPU tensors, with each kernel's
+global std, biased or not, clipped or not; the loss with or without a reference, ratio normalisation and
+weights) on CPU tensors, with each kernel's
 launch replaced by a recorder. Each recorded launch is specialised the way Triton's own launcher does it (its
 binder: argument types, 16-byte alignment and divisibility, constexprs) and compiled with `triton.compile` for a
 `GPUTarget`. ptxas's resource report (cuobjdump) gives registers, local memory (spills) and static shared memory.
@@ -159,12 +160,21 @@ def exercise_grpo(dtypes=DTYPES, group_sizes=GROUP_SIZES) -> None:
         rewards = torch.rand(group_size * 3).to(dtype)
         for std, unbiased, clip in itertools.product(("group", "global"), (True, False), (None, 2.5)):
             ops.group_advantages(rewards, group_size, std=std, unbiased=unbiased, clip=clip, backend="triton")
-    for dtype, with_ref, n in itertools.product(dtypes, (False, True), (48, 3000)):
-        log_probs = torch.randn(n).to(dtype).requires_grad_(True)
-        old, advantages = torch.randn(n).to(dtype), torch.randn(n).to(dtype)
-        loss, _ = ops.grpo_loss(log_probs, old, advantages, clip_range=0.2, kl_coef=0.1 if with_ref else 0.0,
-                                ref_log_probs=torch.randn(n).to(dtype) if with_ref else None, backend="triton")
-        loss.backward()
+    # the loss: with or without a reference, RatioNorm (bias + scale) and weights; two lengths (divisible by 16 or
+    # not) without the variants, the longer one with them
+    for dtype, with_ref, normalised, weighted in itertools.product(dtypes, (False, True), (False, True),
+                                                                   (False, True)):
+        for n in (48, 3000) if not (normalised or weighted) else (3000,):
+            def vector():
+                return torch.randn(n).to(dtype)
+
+            log_probs = vector().requires_grad_(True)
+            bias = vector().requires_grad_(True) if normalised else None
+            loss, _ = ops.grpo_loss(log_probs, vector(), vector(), clip_range=0.2, kl_coef=0.1 if with_ref else 0.0,
+                                    ref_log_probs=vector() if with_ref else None, ratio_bias=bias,
+                                    ratio_scale=vector().abs() if normalised else None,
+                                    weights=vector().abs() if weighted else None, backend="triton")
+            loss.backward()
 
 
 def launches(target) -> list[Launch]:
