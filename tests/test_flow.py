@@ -285,3 +285,32 @@ def test_flow_grpo_dropin_matches_the_sde_definition_and_runs():
         torch.testing.assert_close(std_t.double().flatten(), expected_std_t.flatten().expand(3), rtol=1e-5,
                                    atol=1e-6)
     assert example.main() == 0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_cached_step_tables_follow_in_place_changes_and_views(backend):
+    """The fused ops cache step tables by the schedule tensors' memory: an in-place change of the schedule, views at
+    other offsets and other settings must each give the reference's answer, never a stale table."""
+    cond, _, sample, prev, _, _ = flow_inputs(batch=3, shape=(2, 4, 4), seed=9)
+    schedule = torch.linspace(0.2, 0.9, 6, dtype=torch.float64, device=DEVICE)
+
+    def check(alpha_t, alpha_prev, eta=1.0):
+        got = ops.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, eta=eta, backend=backend)
+        want = reference.ddim_logprob(cond, sample, prev, alpha_t, alpha_prev, eta=eta)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        return got
+
+    first = check(schedule[1].expand(3), schedule[2].expand(3))
+    assert not torch.equal(first, check(schedule[2].expand(3), schedule[3].expand(3)))  # another view
+    assert not torch.equal(first, check(schedule[1].expand(3), schedule[2].expand(3), eta=0.5))  # another eta
+    schedule.mul_(0.9)  # in place: the same memory now holds other values
+    assert not torch.equal(first, check(schedule[1].expand(3), schedule[2].expand(3)))
+    flow = dict(noise_level=0.7, sigma_max=0.95, backend=backend)
+    sigma = torch.tensor([0.9, 0.5, 0.3], dtype=torch.float64, device=DEVICE)
+    sigma_prev = sigma - 0.1
+    before = ops.flow_sde_logprob(cond, sample, prev, sigma, sigma_prev, **flow)
+    sigma_prev[1] = 0.2  # one entry changed in place
+    after = ops.flow_sde_logprob(cond, sample, prev, sigma, sigma_prev, **flow)
+    torch.testing.assert_close(after, reference.flow_sde_logprob(cond, sample, prev, sigma, sigma_prev,
+                                                                 noise_level=0.7, sigma_max=0.95))
+    assert after[1] != before[1] and after[0] == before[0]

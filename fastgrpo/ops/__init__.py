@@ -18,6 +18,8 @@ that one table (the formulas exist once).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from fastgrpo.ops import reference
@@ -79,9 +81,31 @@ def _check_flow(op, noise_level, sde_type, sigma_max):
                          "scheduler.sigmas[1])")
 
 
+_TABLES: OrderedDict = OrderedDict()
+_MAX_TABLES = 256
+
+
 def _table(build, *schedule, **settings) -> torch.Tensor:
-    """A step table for the fused backends: float64, on the schedule's device, no gradient."""
-    return build(*(t.detach().to(torch.float64) for t in schedule), **settings)
+    """A step table for the fused backends: float64, on the schedule's device, no gradient.
+
+    Building one is about 30 tiny tensor ops (100+ us on a CPU, as many launches on a GPU), as much as the fused
+    kernel itself at SD shapes, while samplers pass the same schedule tensors (or views of them) at every call. So
+    tables are cached by the schedule tensors' memory (address, shape, strides, dtype, device) and the settings, and a
+    hit is checked against the tensors' version counters (an in-place change invalidates it). The cache holds the
+    schedule tensors, so their memory cannot be reused by another tensor while an entry lives (LRU, 256 entries)."""
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in schedule):  # no version counter to check
+        return build(*(t.detach().to(torch.float64) for t in schedule), **settings)
+    key = (build, tuple(sorted(settings.items())),
+           *((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in schedule))
+    entry = _TABLES.get(key)
+    if entry is not None and all(t._version == version for t, version in zip(entry[0], entry[1])):
+        _TABLES.move_to_end(key)
+        return entry[2]
+    table = build(*(t.detach().to(torch.float64) for t in schedule), **settings)
+    _TABLES[key] = (schedule, tuple(t._version for t in schedule), table)
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return table
 
 
 def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
