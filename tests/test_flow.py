@@ -217,19 +217,20 @@ def test_flow_ops_import_with_torch_alone():
 # ------------------------------------------------------------------------------------------ drop-in examples
 
 
-def _example(name):
+def _example(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "docs" / "examples"))  # as when the script runs: its folder on the path
     spec = importlib.util.spec_from_file_location(name, REPO / "docs" / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_ddpo_dropin_equals_diffusers_ddim_step_and_runs():
+def test_ddpo_dropin_equals_diffusers_ddim_step_and_runs(monkeypatch):
     """The ddpo-pytorch drop-in samples exactly diffusers' DDIMScheduler.step with the same variance noise, its
     log-prob is the Gaussian's (float64 closed form), and the example's rollout + training recompute runs."""
     from diffusers import DDIMScheduler
 
-    example = _example("ddpo_dropin")
+    example = _example("ddpo_dropin", monkeypatch)
     for prediction_type in ("epsilon", "v_prediction"):
         scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -257,12 +258,12 @@ def test_ddpo_dropin_equals_diffusers_ddim_step_and_runs():
     assert example.main() == 0
 
 
-def test_flow_grpo_dropin_matches_the_sde_definition_and_runs():
+def test_flow_grpo_dropin_matches_the_sde_definition_and_runs(monkeypatch):
     """The flow_grpo drop-in returns flow_grpo's four values: the sample and log-prob against the SDE's definition
     (float64), its mean, and std_t; and the example's rollout + training recompute runs for both SDE types."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    example = _example("flow_grpo_dropin")
+    example = _example("flow_grpo_dropin", monkeypatch)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(10)
     gen = torch.Generator().manual_seed(2)

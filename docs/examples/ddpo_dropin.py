@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from example_check import summarise
 from fastgrpo import ops
 
 
@@ -107,13 +108,7 @@ def main() -> int:
                               set_alpha_to_one=False, steps_offset=1)
     text, timesteps, latents, log_probs = rollout(unet, scheduler)
     again = recompute(unet, scheduler, text, timesteps, latents)
-    again.sum().backward()  # the gradient reaches the UNet through the fused op
-    grad = sum(p.grad.abs().sum() for p in unet.parameters() if p.grad is not None)
-    print(f"ddim: {len(timesteps)} steps, mean log-prob {log_probs.mean().item():+.4f}, recomputed max |diff| "
-          f"{(again - log_probs).abs().max().item():.2e}, |grad| {grad.item():.3e}, backend "
-          f"{ops.explain('ddim_step', latents.device)[0]}")
-    return 0
-
+    return summarise("ddim", unet, log_probs, again, "ddim_step")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from example_check import summarise
 from fastgrpo import ops
 from fastgrpo.ops import reference
 
@@ -102,17 +103,12 @@ def main() -> int:
 
     transformer = tiny_transformer()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    failed = 0
     for sde_type in ("sde", "cps"):
         conditioning, timesteps, latents, log_probs = rollout(transformer, scheduler, sde_type=sde_type)
         again = recompute(transformer, scheduler, conditioning, timesteps, latents, sde_type=sde_type)
-        again.sum().backward()  # the gradient reaches the transformer through the fused op
-        grad = sum(p.grad.abs().sum() for p in transformer.parameters() if p.grad is not None)
-        transformer.zero_grad()
-        print(f"{sde_type}: {len(timesteps)} steps, mean log-prob {log_probs.mean().item():+.4f}, recomputed "
-              f"max |diff| {(again - log_probs).abs().max().item():.2e}, |grad| {grad.item():.3e}, backend "
-              f"{ops.explain('flow_sde_step', latents.device)[0]}")
-    return 0
-
+        failed |= summarise(sde_type, transformer, log_probs, again, "flow_sde_step")
+    return failed
 
 if __name__ == "__main__":
     raise SystemExit(main())
