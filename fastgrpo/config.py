@@ -87,6 +87,10 @@ class TrainConfig:
     clip_range: float = doc("PPO ratio clip range epsilon (> 0): the ratio is clipped to [1 - eps, 1 + eps]", 1e-4)
     clip_range_high: float | None = doc("Upper clip range (DAPO's clip-higher): the ratio is clipped to [1 - "
                                         "clip_range, 1 + clip_range_high]; null = clip_range", None)
+    ratio_norm: bool = doc("GRPO-Guard's ratio normalisation: the log-ratio becomes (logp - logp_old + b) * std, "
+                           "with b = mean((mean - mean_old)^2) / (2 std^2) the drift term that pulls the ratio's "
+                           "mean below 1 and std the step's noise std, so the clip acts alike at every step; keeps "
+                           "each sample's rollout noise for the update (one more latent per step)", False)
     adv_clip_max: float = doc("Advantages are clipped to [-adv_clip_max, adv_clip_max]", 2.5)
     adv_std: str = doc("Advantage scale: 'group' = each group's std, 'global' = std over the epoch", "group",
                        choices=("group", "global"))

@@ -47,6 +47,7 @@ class Trajectories:
     log_probs: torch.Tensor     # (N, S) fp32: log p(latents[:, j + 1] | latents[:, j])
     images: torch.Tensor        # (N, 3, H_img, W_img) fp32 in [0, 1]
     prompt_index: torch.Tensor  # (N,) long: row of the prompt-embedding table each sample used
+    noise: torch.Tensor | None = None  # (N, S + 1, C, H, W): the rollout's noise, kept for train.ratio_norm
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class RolloutSettings:
     batch_size: int
     same_noise_per_group: bool
     seed: int
+    keep_noise: bool = False  # keep each sample's noise in the trajectories (train.ratio_norm needs the step noise)
 
 
 def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond_embed, sample_prompt, sample_ids,
@@ -146,7 +148,7 @@ def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond
     which key each sample's noise.
     """
     device = prompt_embeds.device
-    latents, log_probs, images = [], [], []
+    latents, log_probs, images, noises = [], [], [], []
     for start in range(0, sample_ids.shape[0], settings.batch_size):
         ids = sample_ids[start:start + settings.batch_size]
         noise = draw_noise(settings.seed, epoch, ids, ids // settings.group_size, schedule.num_steps,
@@ -156,13 +158,16 @@ def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond
         latents.append(batch_latents)
         log_probs.append(batch_log_probs)
         images.append(decode_latents(vae, batch_latents[:, -1]))
-    return Trajectories(torch.cat(latents), torch.cat(log_probs), torch.cat(images), sample_prompt)
+        if settings.keep_noise:
+            noises.append(noise)
+    return Trajectories(torch.cat(latents), torch.cat(log_probs), torch.cat(images), sample_prompt,
+                        torch.cat(noises) if settings.keep_noise else None)
 
 
 def recompute_log_probs(unet, trajectories: Trajectories, prompt_embeds, uncond_embed, schedule: DDIMSchedule,
                         guidance: Guidance, samples: torch.Tensor, steps: torch.Tensor, *,
                         reference: Callable[[], ContextManager[torch.nn.Module]] | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        ratio_norm: bool = False) -> tuple[torch.Tensor, ...]:
     """(log_probs (B,), kl (B,) or None) under `unet` for the stored transitions trajectories[samples[i]] at step
     steps[i].
 
@@ -173,6 +178,11 @@ def recompute_log_probs(unet, trajectories: Trajectories, prompt_embeds, uncond_
     (mean - mean_ref)^2 / (2 std^2) = log p_ref(mean_ref) - log p(mean_ref), computed with the same fused ops.
     Unlike a log-ratio estimate on the sampled x_{t-1}, it has no sampling noise, which at the late, small-std
     steps would dominate its gradient.
+
+    With `ratio_norm` (GRPO-Guard's ratio normalisation; the trajectories must hold their noise) it returns
+    (log_probs, kl, bias, std): std (B,) the step's noise std and bias (B,) = mean((mean - mean_old)^2) / (2 std^2),
+    where mean_old = x_{t-1} - std * noise is the rollout's own mean: log p_old(mean_old) - log p(mean_old), computed
+    with the same op and differentiable like the log-probs.
     """
     latents = trajectories.latents[samples, steps]                  # (B, C, H, W) x_t
     prev_latents = trajectories.latents[samples, steps + 1]         # (B, C, H, W) x_{t-1}
@@ -184,11 +194,22 @@ def recompute_log_probs(unet, trajectories: Trajectories, prompt_embeds, uncond_
                 backend=guidance.backend)
     cond, uncond = unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance)
     log_probs = ops.ddim_logprob(cond, latents, prev_latents, alpha_t, alpha_prev, uncond_output=uncond, **step)
+    norm = ()
+    if ratio_norm:
+        if trajectories.noise is None:
+            raise ValueError("recompute_log_probs: ratio_norm needs trajectories sampled with keep_noise")
+        # the step table in float64, as the fused ops build it (fp32 loses the late steps' small std to cancellation)
+        table = ops.reference.ddim_coefficients(alpha_t.double(), alpha_prev.double(), eta=guidance.eta,
+                                                prediction_type=guidance.prediction_type).to(log_probs.dtype)
+        std, log_norm = table[:, 2], table[:, 4]
+        mean_old = prev_latents - std.view(-1, 1, 1, 1) * trajectories.noise[samples, steps + 1]
+        norm = (log_norm - ops.ddim_logprob(cond, latents, mean_old, alpha_t, alpha_prev, uncond_output=uncond,
+                                            **step), std)
     if reference is None:
-        return log_probs, None
+        return log_probs, None, *norm
     with torch.no_grad(), reference() as ref_unet:
         ref_cond, ref_uncond = unet_outputs(ref_unet, latents, timesteps, cond_embeds, uncond_embeds, guidance)
         ref_mean, ref_at_mean = ops.ddim_step(ref_cond, latents, alpha_t, alpha_prev, torch.zeros_like(latents),
                                               uncond_output=ref_uncond, **step)
     kl = ref_at_mean - ops.ddim_logprob(cond, latents, ref_mean, alpha_t, alpha_prev, uncond_output=uncond, **step)
-    return log_probs, kl
+    return log_probs, kl, *norm

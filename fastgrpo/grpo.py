@@ -17,8 +17,9 @@ from fastgrpo.errors import NonFiniteError
 
 # (samples (B,), steps (B,)) -> log-probs (B,)
 LogProbFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# (samples (B,), steps (B,)) -> (log-probs (B,), closed-form KL to the reference (B,) or None)
-PolicyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+# (samples (B,), steps (B,)) -> (log-probs (B,), closed-form KL to the reference (B,) or None), followed by
+# (ratio bias (B,), ratio scale (B,)) when the update normalises the ratio (GRPO-Guard)
+PolicyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 def epoch_advantages(rewards: torch.Tensor, group_size: int, *, std: str, clip: float, drop_zero_std: bool,
@@ -132,7 +133,7 @@ def policy_update(engine, policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None
         stats = StepStats()
         for rows, k in micro_batches:
             samples, steps = plan.order[rows], plan.steps[rows, k]                        # (B,), (B,)
-            log_probs, kl = policy_fn(samples, steps)
+            log_probs, kl, *norm = policy_fn(samples, steps)
             ref_log_probs = None
             if kl is None and ref_log_prob_fn is not None and loss.kl_coef > 0:
                 with torch.no_grad():
@@ -140,7 +141,8 @@ def policy_update(engine, policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None
             value, loss_stats = ops.grpo_loss(
                 log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
                 clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend,
-                clip_range_high=loss.clip_range_high)
+                clip_range_high=loss.clip_range_high, ratio_bias=norm[0] if norm else None,
+                ratio_scale=norm[1] if norm else None)
             if kl is not None:
                 value = value + loss.kl_coef * kl.mean()
                 loss_stats = {**loss_stats, "kl": kl.detach().mean()}

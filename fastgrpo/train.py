@@ -142,7 +142,7 @@ def prepare(config: Config) -> tuple[Session, int, int]:
         guidance=Guidance(sample.eta, sample.guidance_scale, models.prediction_type, config.train.ops_backend,
                           autocast),
         rollout=RolloutSettings(models.latent_shape(sample.resolution), sample.group_size, sample.batch_size,
-                                sample.same_noise_per_group, run.seed),
+                                sample.same_noise_per_group, run.seed, keep_noise=config.train.ratio_norm),
         uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, judge=_toyworld_judge(config))
     return session, start_epoch, global_step
 
@@ -202,25 +202,26 @@ def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advant
     t = s.config.train
     s.unet.train()
 
-    def log_probs_under(unet, reference=None):
+    def log_probs_under(unet, reference=None, ratio_norm=False):
         return lambda samples, steps: recompute_log_probs(unet, trajectories, batch.prompt_embeds, s.uncond_embed,
-                                                          s.schedule, s.guidance, samples, steps, reference=reference)
+                                                          s.schedule, s.guidance, samples, steps, reference=reference,
+                                                          ratio_norm=ratio_norm)
 
     reference = None   # factory of a context yielding the KL reference: the base UNet
     if s.ref_unet is not None:
         reference = lambda: contextlib.nullcontext(s.ref_unet)  # noqa: E731
     elif has_lora(s.unet) and t.kl_coef > 0:
         reference = lambda: adapters_disabled(s.unet)  # noqa: E731
-    policy_fn, ref_fn = log_probs_under(s.unet), None
+    policy_fn, ref_fn = log_probs_under(s.unet, ratio_norm=t.ratio_norm), None
     if reference is not None and t.kl_estimator == "mean":
-        policy_fn = log_probs_under(s.unet, reference)
+        policy_fn = log_probs_under(s.unet, reference, ratio_norm=t.ratio_norm)
         if t.kl_prompts == "safe":  # the KL of unsafe prompts' samples is zeroed (and so is its gradient)
             # `samples` are rows of this rank's trajectories, which are in shard order: read the mask that way
             weight, full_fn = (~batch.is_unsafe[batch.shard.order.to(batch.is_unsafe.device)]).float(), policy_fn
 
             def policy_fn(samples, steps):
-                log_probs, kl = full_fn(samples, steps)
-                return log_probs, kl * weight[samples]
+                log_probs, kl, *norm = full_fn(samples, steps)
+                return log_probs, kl * weight[samples], *norm
     elif reference is not None:
         def ref_fn(samples, steps):
             with reference() as ref_unet:

@@ -1,4 +1,5 @@
-"""Recipe levers: which timesteps train (`train.timestep_range`), the asymmetric clip (`train.clip_range_high`)."""
+"""Recipe levers: which timesteps train (`train.timestep_range`), the asymmetric clip (`train.clip_range_high`),
+GRPO-Guard's ratio normalisation (`train.ratio_norm`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,22 @@ def test_clip_range_high_is_checked_and_reaches_the_loss(monkeypatch, tiny_overr
     assert cli.main(["train", "--config", "smoke", *tiny_overrides, "run.epochs=1", "train.clip_range=0.2",
                      "train.clip_range_high=0.28"]) == 0
     assert seen and all(k["clip_range"] == 0.2 and k["clip_range_high"] == 0.28 for k in seen)
+
+
+def test_ratio_norm_reaches_the_loss(monkeypatch, tiny_overrides):
+    """train.ratio_norm=true hands every loss call a ratio bias (with a gradient, zero on the first optimiser step of
+    an epoch, before any update) and the steps' noise stds as the scale; off, the loss gets neither."""
+    from fastgrpo import cli, ops
+
+    seen = []
+    real = ops.grpo_loss
+    monkeypatch.setattr(ops, "grpo_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
+    assert cli.main(["train", "--config", "smoke", *tiny_overrides, "run.epochs=1", "train.ratio_norm=true"]) == 0
+    assert seen and all(k["ratio_bias"] is not None and k["ratio_scale"] is not None for k in seen)
+    assert seen[0]["ratio_bias"].requires_grad
+    torch.testing.assert_close(seen[0]["ratio_bias"].detach(), torch.zeros_like(seen[0]["ratio_bias"]), rtol=0,
+                               atol=1e-6)
+    assert all(bool((k["ratio_scale"] > 0).all()) for k in seen)
+    seen.clear()
+    assert cli.main(["train", "--config", "smoke", *tiny_overrides, "run.epochs=1", "run.overwrite=true"]) == 0
+    assert seen and all(k["ratio_bias"] is None and k["ratio_scale"] is None for k in seen)

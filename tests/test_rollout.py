@@ -20,14 +20,15 @@ def models(tiny_pipeline_dir):
     return load_diffusion_models(str(tiny_pipeline_dir), device=CPU)
 
 
-def rollout(models, *, group_size=2, batch_size=4, same_noise=False, guidance_scale=5.0, num_steps=4, seed=0):
+def rollout(models, *, group_size=2, batch_size=4, same_noise=False, guidance_scale=5.0, num_steps=4, seed=0,
+            keep_noise=False):
     prompts = ["a red apple", "a naked person"]
     embeds = encode_prompts(models, prompts)
     uncond = encode_prompts(models, [""])
     schedule = DDIMSchedule.from_scheduler(models.scheduler, num_steps, CPU)
     guidance = Guidance(1.0, guidance_scale, models.prediction_type)
     sample_prompt = torch.arange(2).repeat_interleave(group_size)
-    settings = RolloutSettings(models.latent_shape(None), group_size, batch_size, same_noise, seed)
+    settings = RolloutSettings(models.latent_shape(None), group_size, batch_size, same_noise, seed, keep_noise)
     trajectories = sample_trajectories(models.unet, models.vae, schedule, embeds, uncond, sample_prompt,
                                        torch.arange(sample_prompt.shape[0]), guidance, settings, epoch=0)
     return trajectories, embeds, uncond, schedule, guidance
@@ -125,6 +126,50 @@ def test_closed_form_kl_matches_diffusers_means(models, tiny_pipeline_dir):
         expected = float(((means[0] - means[1]) ** 2).mean()) / (2 * variance)
         assert expected > 1e-4  # the perturbation is large enough to test something
         assert abs(float(kl[i]) - expected) <= 1e-3 * expected + 1e-6, (j, float(kl[i]), expected)
+
+
+def test_ratio_norm_bias_is_the_drift_between_diffusers_means(models, tiny_pipeline_dir):
+    """train.ratio_norm (GRPO-Guard): the ratio bias is mean((mu - mu_old)^2) / (2 sigma^2) and the scale sigma,
+    with mu (the updated UNet) and mu_old (the rollout's UNet) both from diffusers' DDIMScheduler.step with zero
+    noise, sigma^2 = the scheduler's variance (eta 1); the bias is zero before any update."""
+    import copy
+
+    with pytest.raises(ValueError, match="keep_noise"):
+        rollout_without_noise = rollout(models)
+        recompute_log_probs(models.unet, *rollout_without_noise[:4], rollout_without_noise[4], torch.tensor([0]),
+                            torch.tensor([0]), ratio_norm=True)
+    trajectories, embeds, uncond, schedule, guidance = rollout(models, keep_noise=True)
+    assert trajectories.noise.shape == (4, 5, 4, 8, 8)
+    updated = copy.deepcopy(models.unet)
+    with torch.no_grad():
+        for parameter in updated.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    samples, steps = torch.tensor([2, 0, 3, 1]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        _, _, bias_before, _ = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance,
+                                                   samples, steps, ratio_norm=True)
+        _, kl, bias, std = recompute_log_probs(updated, trajectories, embeds, uncond, schedule, guidance, samples,
+                                               steps, ratio_norm=True)
+    assert kl is None
+    torch.testing.assert_close(bias_before, torch.zeros(4), rtol=0, atol=1e-6)
+    scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    cond = embeds[trajectories.prompt_index]
+    for i, (n, j) in enumerate(zip(samples.tolist(), steps.tolist())):
+        t, x = scheduler.timesteps[j], trajectories.latents[n:n + 1, j]
+        means = []
+        with torch.no_grad():
+            for unet in (updated, models.unet):
+                out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond[n:n + 1]])).sample
+                noise_uncond, noise_cond = out.double().chunk(2)
+                guided = noise_uncond + 5.0 * (noise_cond - noise_uncond)
+                means.append(scheduler.step(guided, t, x.double(), eta=1.0, variance_noise=torch.zeros_like(x)
+                                            ).prev_sample)
+        variance = float(scheduler._get_variance(t, t - scheduler.config.num_train_timesteps // 4))
+        expected = float(((means[0] - means[1]) ** 2).mean()) / (2 * variance)
+        assert expected > 1e-4  # the perturbation is large enough to test something
+        assert abs(float(bias[i]) - expected) <= 1e-3 * expected + 1e-6, (j, float(bias[i]), expected)
+        assert float(std[i]) == pytest.approx(variance ** 0.5, rel=1e-5)
 
 
 def test_noise_is_per_sample_and_independent_of_batch_size(models):
