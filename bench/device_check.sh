@@ -8,10 +8,10 @@
 #   install   carried wheels (.whl/) into /tmp/site; the project editable, without build isolation and without the
 #             C++ CPU extension (FASTGRPO_NO_EXT=1: its CPU kernels are not what a GPU check is for)
 #   dispatch  `fastgrpo info`: backend=auto must pick Triton for CUDA tensors
-#   kernels   tests/test_kernels.py on CUDA tensors with compiled Triton (FASTGRPO_TEST_DEVICE=cuda, no
+#   kernels   tests/test_kernels.py and tests/test_flow.py (the step ops; not the diffusers examples) on CUDA tensors with compiled Triton (FASTGRPO_TEST_DEVICE=cuda, no
 #             interpreter): every correctness case against the fp64 reference, gradients, opcheck, torch.compile,
 #             launch counts
-#   ops       bench/test_bench_ops.py: fused / eager / torch.compile'd, GB/s, % of measured copy bandwidth,
+#   ops       bench/test_bench_ops.py, bench/test_bench_dropin.py: fused / eager / torch.compile'd / peer-style, GB/s, % of measured copy bandwidth,
 #             launches per call, NVML clocks
 #   graph     bench/test_bench_cuda_graph.py: a rollout step captured in a CUDA graph and replayed
 #   unet      bench/test_bench_unet.py with Stable Diffusion v1.4's UNet (random init from its real config): CFG
@@ -82,9 +82,10 @@ FASTGRPO_NO_EXT=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolat
 section dispatch 30 "$PY" -c "from fastgrpo.info import backend_table; print(backend_table(['cuda']), end='')"
 
 section kernels 150 env FASTGRPO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  -k "not cpp_extension_is_built and not info_lists" --junitxml="$OUT/kernels_cuda.xml"
+  tests/test_flow.py -k "not cpp_extension_is_built and not info_lists and not dropin and not euler" \
+  --junitxml="$OUT/kernels_cuda.xml"
 
-section ops 120 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py \
+section ops 150 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py bench/test_bench_dropin.py \
   --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,iqr
 
 if have_diffusers; then
@@ -101,7 +102,7 @@ section summary 30 "$PY" - <<'EOF'
 import json, os
 
 out = os.environ["OUT"]
-keys = ("speedup_vs_eager", "speedup_vs_compiled", "speedup_vs_eager_loop", "gbps", "fraction_of_copy",
+keys = ("speedup_vs_eager", "speedup_vs_compiled", "speedup_vs_eager_loop", "speedup_vs_peer_style_eager", "gbps", "fraction_of_copy",
         "launches_per_call",
         "samples_per_s", "transitions_per_s", "peak_memory_bytes", "max_abs_ratio_minus_1", "on_policy_within_clip",
         "eager_over_graph")
