@@ -315,3 +315,29 @@ def test_cached_step_tables_follow_in_place_changes_and_views(backend):
     torch.testing.assert_close(after, reference.flow_sde_logprob(cond, sample, prev, sigma, sigma_prev,
                                                                  noise_level=0.7, sigma_max=0.95))
     assert after[1] != before[1] and after[0] == before[0]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_flow_step_and_normalised_loss_compile_fullgraph(backend):
+    """The flow log-prob and the loss with ratio normalisation and weights trace into one graph (custom ops with
+    fake kernels, the step table built inside the graph) and give eager's gradients."""
+    cond, uncond, sample, prev, sigma, sigma_prev = flow_inputs(batch=2, shape=(4, 6, 6), seed=13, dtype=torch.float32)
+    scale = torch.tensor([0.5, 0.2], device=DEVICE)
+    weights = torch.tensor([1.0, 3.0], device=DEVICE)
+
+    def step_loss(c, u):
+        lp = ops.flow_sde_logprob(c, sample, prev, sigma, sigma_prev, sigma_max=SIGMA_MAX, uncond_output=u,
+                                  guidance_scale=4.0, backend=backend)
+        bias = 0.1 * (lp - lp.detach()) + 0.01  # differentiable, as the trainer's drift term is
+        loss, _ = ops.grpo_loss(lp, lp.detach() - 0.01, torch.tensor([1.0, -1.0], device=DEVICE), clip_range=0.1,
+                                ratio_bias=bias, ratio_scale=scale, weights=weights, backend=backend)
+        return loss
+
+    compiled = torch.compile(step_loss, fullgraph=True)
+    inputs = [t.clone().requires_grad_(True) for t in (cond, uncond)]
+    expected_inputs = [t.clone().requires_grad_(True) for t in (cond, uncond)]
+    compiled(*inputs).backward()
+    step_loss(*expected_inputs).backward()
+    for got, expected in zip(inputs, expected_inputs):
+        torch.testing.assert_close(got.grad, expected.grad)
+    assert float(expected_inputs[0].grad.abs().sum()) > 0
