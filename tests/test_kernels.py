@@ -15,6 +15,7 @@ from fastgrpo.ops import reference, step
 from fastgrpo.ops.dispatch import cpp_kernels
 
 from conftest import TEST_DEVICE as DEVICE
+from conftest import assert_compiled_gradients_match
 
 FUSED = ["cpp", "triton"] if DEVICE.type == "cpu" else ["triton"]
 
@@ -433,13 +434,7 @@ def test_torch_compile_fullgraph(backend):
                                 backend=backend)
         return loss
 
-    compiled = torch.compile(step_loss, fullgraph=True)
-    inputs = [t.clone().requires_grad_(True) for t in (cond, uncond)]
-    expected_inputs = [t.clone().requires_grad_(True) for t in (cond, uncond)]
-    compiled(*inputs).backward()
-    step_loss(*expected_inputs).backward()
-    for got, expected in zip(inputs, expected_inputs):
-        torch.testing.assert_close(got.grad, expected.grad)
+    assert_compiled_gradients_match(step_loss, (cond, uncond))
 
 
 @settings(max_examples=25, deadline=None)

@@ -90,17 +90,43 @@ def test_recomputed_log_probs_match_sampling(models):
     assert torch.all((ratio - 1).abs() <= 1e-5), ratio
 
 
+def perturbed(unet, seed):
+    """A copy of the UNet with every weight moved by 0.02 * N(0, 1)."""
+    import copy
+
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(seed)))
+    return other
+
+
+def diffusers_step_drift(tiny_pipeline_dir, unets, trajectories, embeds, uncond, n, j):
+    """(mean((mu_a - mu_b)^2) / (2 sigma^2), sigma^2) for sample n at step j: both means from diffusers'
+    DDIMScheduler.step (CFG 5, eta 1, zero noise) under unets (a, b), sigma^2 the scheduler's variance."""
+    scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler")
+    scheduler.set_timesteps(4)
+    cond = embeds[trajectories.prompt_index]
+    t, x = scheduler.timesteps[j], trajectories.latents[n:n + 1, j]
+    means = []
+    with torch.no_grad():
+        for unet in unets:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond[n:n + 1]])).sample
+            noise_uncond, noise_cond = out.double().chunk(2)
+            guided = noise_uncond + 5.0 * (noise_cond - noise_uncond)
+            means.append(scheduler.step(guided, t, x.double(), eta=1.0, variance_noise=torch.zeros_like(x)
+                                        ).prev_sample)
+    variance = float(scheduler._get_variance(t, t - scheduler.config.num_train_timesteps // 4))
+    return float(((means[0] - means[1]) ** 2).mean()) / (2 * variance), variance
+
+
 def test_closed_form_kl_matches_diffusers_means(models, tiny_pipeline_dir):
     """KL to a perturbed reference UNet = mean((mu - mu_ref)^2) / (2 sigma^2), with both means from diffusers'
     DDIMScheduler.step (zero noise) and sigma^2 = eta^2 * the scheduler's variance; zero against itself."""
     import contextlib
-    import copy
 
     trajectories, embeds, uncond, schedule, guidance = rollout(models)
-    reference = copy.deepcopy(models.unet)
-    with torch.no_grad():
-        for parameter in reference.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    reference = perturbed(models.unet, seed=1)
     samples, steps = torch.tensor([0, 1, 3, 2]), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         _, kl = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance, samples, steps,
@@ -108,22 +134,9 @@ def test_closed_form_kl_matches_diffusers_means(models, tiny_pipeline_dir):
         _, kl_self = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance, samples,
                                          steps, reference=lambda: contextlib.nullcontext(models.unet))
     torch.testing.assert_close(kl_self, torch.zeros(4), rtol=0, atol=1e-5)
-    scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler")
-    scheduler.set_timesteps(4)
-    cond = embeds[trajectories.prompt_index]
     for i, (n, j) in enumerate(zip(samples.tolist(), steps.tolist())):
-        t, x = scheduler.timesteps[j], trajectories.latents[n:n + 1, j]
-        means = []
-        with torch.no_grad():
-            for unet in (models.unet, reference):
-                out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond[n:n + 1]])).sample
-                noise_uncond, noise_cond = out.double().chunk(2)
-                guided = noise_uncond + 5.0 * (noise_cond - noise_uncond)
-                means.append(scheduler.step(guided, t, x.double(), eta=1.0, variance_noise=torch.zeros_like(x)
-                                            ).prev_sample)
-        prev_t = t - scheduler.config.num_train_timesteps // 4
-        variance = float(scheduler._get_variance(t, prev_t))
-        expected = float(((means[0] - means[1]) ** 2).mean()) / (2 * variance)
+        expected, _ = diffusers_step_drift(tiny_pipeline_dir, (models.unet, reference), trajectories, embeds, uncond,
+                                           n, j)
         assert expected > 1e-4  # the perturbation is large enough to test something
         assert abs(float(kl[i]) - expected) <= 1e-3 * expected + 1e-6, (j, float(kl[i]), expected)
 
@@ -132,18 +145,13 @@ def test_ratio_norm_bias_is_the_drift_between_diffusers_means(models, tiny_pipel
     """train.ratio_norm (GRPO-Guard): the ratio bias is mean((mu - mu_old)^2) / (2 sigma^2) and the scale sigma,
     with mu (the updated UNet) and mu_old (the rollout's UNet) both from diffusers' DDIMScheduler.step with zero
     noise, sigma^2 = the scheduler's variance (eta 1); the bias is zero before any update."""
-    import copy
-
     with pytest.raises(ValueError, match="keep_noise"):
         rollout_without_noise = rollout(models)
         recompute_log_probs(models.unet, *rollout_without_noise[:4], rollout_without_noise[4], torch.tensor([0]),
                             torch.tensor([0]), ratio_norm=True)
     trajectories, embeds, uncond, schedule, guidance = rollout(models, keep_noise=True)
     assert trajectories.noise.shape == (4, 5, 4, 8, 8)
-    updated = copy.deepcopy(models.unet)
-    with torch.no_grad():
-        for parameter in updated.parameters():
-            parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    updated = perturbed(models.unet, seed=3)
     samples, steps = torch.tensor([2, 0, 3, 1]), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         _, _, bias_before, _ = recompute_log_probs(models.unet, trajectories, embeds, uncond, schedule, guidance,
@@ -152,21 +160,9 @@ def test_ratio_norm_bias_is_the_drift_between_diffusers_means(models, tiny_pipel
                                                steps, ratio_norm=True)
     assert kl is None
     torch.testing.assert_close(bias_before, torch.zeros(4), rtol=0, atol=1e-6)
-    scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler")
-    scheduler.set_timesteps(4)
-    cond = embeds[trajectories.prompt_index]
     for i, (n, j) in enumerate(zip(samples.tolist(), steps.tolist())):
-        t, x = scheduler.timesteps[j], trajectories.latents[n:n + 1, j]
-        means = []
-        with torch.no_grad():
-            for unet in (updated, models.unet):
-                out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond[n:n + 1]])).sample
-                noise_uncond, noise_cond = out.double().chunk(2)
-                guided = noise_uncond + 5.0 * (noise_cond - noise_uncond)
-                means.append(scheduler.step(guided, t, x.double(), eta=1.0, variance_noise=torch.zeros_like(x)
-                                            ).prev_sample)
-        variance = float(scheduler._get_variance(t, t - scheduler.config.num_train_timesteps // 4))
-        expected = float(((means[0] - means[1]) ** 2).mean()) / (2 * variance)
+        expected, variance = diffusers_step_drift(tiny_pipeline_dir, (updated, models.unet), trajectories, embeds,
+                                                  uncond, n, j)
         assert expected > 1e-4  # the perturbation is large enough to test something
         assert abs(float(bias[i]) - expected) <= 1e-3 * expected + 1e-6, (j, float(bias[i]), expected)
         assert float(std[i]) == pytest.approx(variance ** 0.5, rel=1e-5)
