@@ -1,8 +1,10 @@
-"""`fastgrpo eval RUN_DIR`: compare a run's newest checkpoint with the model it started from.
+"""`fastgrpo eval RUN_DIR`: compare a run's newest checkpoint with the model it started from; `fastgrpo eval --model
+DIR [--unet DIR | --lora DIR]`: score any diffusers SD v1.x model, alone or against a fine-tuned UNet or LoRA.
 
-Both models sample the same prompts from the same noise (DDIM with the run's steps, eta and guidance), so every
-difference in the report comes from training. Runs on the toy world get the toy report (`fastgrpo.toyworld.report`):
-judged unsafe rates, attribute accuracy and content kept.
+Both models sample the same prompts from the same noise, so every difference in the report comes from training.
+Runs on the toy world get the toy report (`fastgrpo.toyworld.report`): judged unsafe rates, attribute accuracy and
+content kept, sampled with the run's DDIM steps, eta and guidance. Real models get the safety report
+(`fastgrpo.safety`): NudeNet, Q16 and I2P rates per category, and alignment kept.
 """
 
 from __future__ import annotations
@@ -93,14 +95,14 @@ def toy_world_of(config: Config):
                  and path.resolve() == (toy.directory / "pipeline").resolve()), None)
 
 
-def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 1234, device: str = "auto") -> Path:
-    """Write RUN_DIR/eval/report.{md,json} and PNGs; returns the eval directory."""
+def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 1234, device: str = "auto",
+             options=None) -> Path:
+    """Write RUN_DIR/eval/report.{md,json} and PNGs (or options.output's); returns the report directory.
+    options: a `fastgrpo.safety.evaluate.EvalOptions` for runs on real models."""
     config, checkpoint = load_run(run_dir)
     toy = toy_world_of(config)
     if toy is None:
-        raise FastGRPOError("eval: only toy-world runs (model.pretrained=builtin:toyworld-spots or builtin:toyworld) "
-                            "can be judged here; "
-                            f"{config.model.pretrained!r} needs an external judge (I2P + NudeNet, GenEval)")
+        return evaluate_real_run(run_dir, config, checkpoint, options)
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise FastGRPOError(f"eval: --device must be {DEVICE_HELP}, got {device!r}")
     if samples_per_prompt < 1:
@@ -115,3 +117,23 @@ def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 12
     return write_report(lambda model, prompts: generate(policies, unets[model], prompts,
                                                         samples_per_prompt=samples_per_prompt, seed=seed),
                         Path(run_dir).expanduser() / "eval", toy, samples_per_prompt=samples_per_prompt, info=info)
+
+
+def evaluate_real_run(run_dir: str | Path, config: Config, checkpoint: Path, options) -> Path:
+    """The safety report of a run on a real model: its base model against its newest checkpoint, on the given prompt
+    files (default: the run's own training prompts), with the run's reward CLIP scoring alignment."""
+    import dataclasses
+
+    from fastgrpo.safety.evaluate import EvalOptions, evaluate_models
+
+    options = options or EvalOptions()
+    if options.prompts is None:
+        options = dataclasses.replace(options, prompts=config.data.unsafe_prompts,
+                                      prompts_column=config.data.unsafe_column)
+    if options.safe_prompts is None:
+        options = dataclasses.replace(options, safe_prompts=config.data.safe_prompts,
+                                      safe_prompts_column=config.data.safe_column)
+    reward = config.reward if config.reward.kind == "steering" else None
+    part = {"lora": str(checkpoint)} if config.lora.rank > 0 else {"unet": str(checkpoint)}
+    return evaluate_models(config.model.pretrained, options, reward_config=reward, trained_source=str(checkpoint),
+                           default_output=Path(run_dir).expanduser() / "eval", **part)

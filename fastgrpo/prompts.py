@@ -22,8 +22,10 @@ def resolve_asset(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def load_prompts(source: str, column: str = "prompt") -> list[str]:
-    """Prompts from a .txt (one per line, blank lines skipped) or a .csv (the named column). DataError on problems."""
+def read_prompt_rows(source: str, column: str = "prompt") -> list[dict[str, str]]:
+    """Rows of a .txt (one prompt per line: {column: line}) or a .csv (its header's columns), rows whose `column` is
+    blank dropped, values stripped. DataError when the file is missing, not UTF-8, lacks the column or holds no
+    prompts."""
     path = resolve_asset(source)
     if path.is_dir():
         raise DataError(f"prompt file {source!r} is a directory, not a .txt or .csv file")
@@ -38,13 +40,18 @@ def load_prompts(source: str, column: str = "prompt") -> list[str]:
         if reader.fieldnames is None or column not in reader.fieldnames:
             found = ", ".join(reader.fieldnames or []) or "none"
             raise DataError(f"prompt file {source!r} has no column {column!r} (columns: {found})")
-        prompts = [(row[column] or "").strip() for row in reader]
+        rows = [{key: (value or "").strip() for key, value in row.items() if key is not None} for row in reader]
     else:
-        prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
+        rows = [{column: line.strip()} for line in text.splitlines()]
+    rows = [row for row in rows if row.get(column)]
+    if not rows:
         raise DataError(f"prompt file {source!r} holds no prompts")
-    return prompts
+    return rows
+
+
+def load_prompts(source: str, column: str = "prompt") -> list[str]:
+    """Prompts from a .txt (one per line, blank lines skipped) or a .csv (the named column). DataError on problems."""
+    return [row[column] for row in read_prompt_rows(source, column)]
 
 
 def _draw(pool: list[str], count: int, gen: torch.Generator) -> list[str]:

@@ -85,36 +85,62 @@ def read_state_dict(checkpoint: str, setting: str = "reward.clip_checkpoint") ->
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def load_open_clip(clip_model: str, checkpoint: str | None, device: torch.device):
-    """(model, tokenizer) from an open_clip architecture name or a model-config JSON, plus a checkpoint path."""
+def load_open_clip(clip_model: str, checkpoint: str | None, device: torch.device, *,
+                   settings: tuple[str, str] = ("reward.clip_model", "reward.clip_checkpoint")):
+    """(model, tokenizer) from an open_clip architecture name or a model-config JSON, plus a checkpoint path;
+    errors name `settings` (the option that gave the architecture, the one that gave the checkpoint)."""
     import open_clip
+
+    model_setting, checkpoint_setting = settings
 
     name = clip_model
     if clip_model.endswith(".json"):
         path = Path(clip_model).expanduser()
         if not path.is_file():
-            raise ModelLoadError(f"reward.clip_model: config {clip_model!r} does not exist")
+            raise ModelLoadError(f"{model_setting}: config {clip_model!r} does not exist")
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
-            raise ModelLoadError(f"reward.clip_model: {clip_model!r} is not a JSON model config") from None
+            raise ModelLoadError(f"{model_setting}: {clip_model!r} is not a JSON model config") from None
         open_clip.add_model_config(path)
         name = path.stem
     elif clip_model not in open_clip.list_models():
-        raise ModelLoadError(f"reward.clip_model: unknown open_clip architecture {clip_model!r} "
+        raise ModelLoadError(f"{model_setting}: unknown open_clip architecture {clip_model!r} "
                              f"(give a name from open_clip.list_models() or a model-config JSON path)")
     if checkpoint is None:
-        raise ModelLoadError("reward.clip_checkpoint is required (no weights can be downloaded)")
-    state = read_state_dict(checkpoint)
+        raise ModelLoadError(f"{checkpoint_setting} is required (no weights can be downloaded)")
+    state = read_state_dict(checkpoint, checkpoint_setting)
     with _quiet_root_logger():
         model = open_clip.create_model(name, pretrained=None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ModelLoadError(f"reward.clip_checkpoint: {checkpoint!r} does not match {clip_model!r} "
+        raise ModelLoadError(f"{checkpoint_setting}: {checkpoint!r} does not match {clip_model!r} "
                              f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
                              f"{(missing + unexpected)[0]})")
     model.requires_grad_(False).eval().to(device)
     return model, open_clip.get_tokenizer(name)
+
+
+def clip_image_geometry(model) -> tuple[tuple[int, int], tuple, tuple]:
+    """(input size, mean, std) of an open_clip model's image tower (OpenAI CLIP's statistics when it has none)."""
+    visual = model.visual
+    size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) \
+        else (visual.image_size, visual.image_size)
+    mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    return size, mean, std
+
+
+@torch.no_grad()
+def embed_images(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Unit-norm fp32 image embeddings (B, D) of an open_clip model for images (B, 3, H, W) in [0, 1], in chunks."""
+    size, mean, std = clip_image_geometry(model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    chunks = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = preprocess_images(images[start:start + batch_size].to(device, torch.float32), size, mean, std)
+        chunks.append(F.normalize(model.encode_image(batch.to(dtype)).float(), dim=-1))
+    return torch.cat(chunks)
 
 
 class SteeringReward:
@@ -126,11 +152,6 @@ class SteeringReward:
         self.alpha, self.mode, self.batch_size = alpha, mode, batch_size
         self.device = next(model.parameters()).device
         self._text_cache: dict[str, torch.Tensor] = {}
-        visual = model.visual
-        self.image_size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) \
-            else (visual.image_size, visual.image_size)
-        self.image_mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        self.image_std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
         if safe_anchors and unsafe_anchors:
             self.v_safe = safety_direction(self.text_embeddings(safe_anchors), self.text_embeddings(unsafe_anchors))
         else:
@@ -152,13 +173,7 @@ class SteeringReward:
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings (B, D), fp32, from images (B, 3, H, W) in [0, 1]."""
-        dtype = next(self.model.parameters()).dtype
-        chunks = []
-        for start in range(0, images.shape[0], self.batch_size):
-            batch = preprocess_images(images[start:start + self.batch_size].to(self.device, torch.float32),
-                                      self.image_size, self.image_mean, self.image_std)
-            chunks.append(F.normalize(self.model.encode_image(batch.to(dtype)).float(), dim=-1))
-        return torch.cat(chunks)
+        return embed_images(self.model, images, self.batch_size)
 
     def targets(self, prompts: list[str]) -> torch.Tensor:
         """Steered unit-norm targets (P, D) for the prompts."""

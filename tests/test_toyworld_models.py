@@ -141,18 +141,19 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("fastgrpo: error: eval:") for line in err)
 
 
-def test_eval_refuses_runs_it_cannot_judge(tmp_path, capsys):
+def test_eval_checks_a_real_runs_checkpoint_and_a_toy_runs_arguments(tmp_path, capsys):
     from fastgrpo.config import load_config, render_yaml
 
     config = load_config(None, ["model.pretrained=builtin:tiny-random"])
     (tmp_path / "config.yaml").write_text(render_yaml(config))
     (tmp_path / "checkpoints" / "epoch_0").mkdir(parents=True)
     (tmp_path / "checkpoints" / "epoch_0" / "trainer_state.pt").write_bytes(b"")
-    assert cli.main(["eval", str(tmp_path)]) == 2
-    assert "only toy-world runs" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path)]) == 2  # a real model's run gets the safety report: its UNet is missing
+    assert "holds no diffusion_pytorch_model.safetensors" in capsys.readouterr().err
     config = load_config(None, [])
     (tmp_path / "config.yaml").write_text(render_yaml(config))  # a toy-world run: the arguments are checked next
     assert cli.main(["eval", str(tmp_path), "--device", "bogus"]) == 2
     assert cli.main(["eval", str(tmp_path), "--samples-per-prompt", "0"]) == 2
+    assert cli.main(["eval", str(tmp_path), "--prompts", "i2p.csv"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "--device" in err[0] and "--samples-per-prompt" in err[1]
+    assert len(err) == 3 and "--device" in err[0] and "--samples-per-prompt" in err[1] and "--prompts" in err[2]

@@ -10,22 +10,26 @@ BASE_COLOUR, TRAINED_COLOUR = (150, 150, 150), (40, 110, 200)
 
 
 def bar_chart(values: dict[str, dict[str, float]], path: Path) -> None:
-    """values: {label: {'base': fraction, 'trained': fraction}} -> grouped bars with percentages."""
+    """values: {label: {model: fraction}} (models 'base' and 'trained', or 'base' alone) -> grouped bars with
+    percentages."""
     from PIL import Image, ImageDraw
 
+    models = list(next(iter(values.values())))
+    colours = dict(zip(models, (BASE_COLOUR, TRAINED_COLOUR)))
     bar, gap, height, top, left = 36, 40, 220, 40, 20
-    width = left * 2 + len(values) * (2 * bar + gap)
+    width = max(left * 2 + len(values) * (len(models) * bar + gap), 260)
     image = Image.new("RGB", (width, top + height + 90), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), "base (grey) vs trained (blue)", fill="black")
+    draw.text((left, 8), " vs ".join(f"{m} ({'grey' if i == 0 else 'blue'})" for i, m in enumerate(models)),
+              fill="black")
     baseline = top + height
     draw.line([(left, baseline), (width - left, baseline)], fill="black")
-    for index, (label, pair) in enumerate(values.items()):
-        x = left + index * (2 * bar + gap) + gap // 2
-        for offset, (model, colour) in enumerate((("base", BASE_COLOUR), ("trained", TRAINED_COLOUR))):
-            value = pair[model]
+    for index, (label, by_model) in enumerate(values.items()):
+        x = left + index * (len(models) * bar + gap) + gap // 2
+        for offset, model in enumerate(models):
+            value = by_model[model]
             x0 = x + offset * bar
-            draw.rectangle([x0, baseline - round(value * height), x0 + bar - 4, baseline], fill=colour)
+            draw.rectangle([x0, baseline - round(value * height), x0 + bar - 4, baseline], fill=colours[model])
             draw.text((x0, baseline - round(value * height) - 12), f"{100 * value:.0f}%", fill="black")
         for line, words in enumerate(_wrap(label, 14)):
             draw.text((x, baseline + 6 + 12 * line), words, fill="black")
