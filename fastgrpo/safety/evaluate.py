@@ -114,7 +114,11 @@ def _alignment(options: EvalOptions, reward_config, device):
                                                     unsafe_anchors=SD_UNSAFE_ANCHORS)
         reward_config = dataclasses.replace(base, clip_model=options.clip_model,
                                             clip_checkpoint=options.clip_checkpoint)
-    return None if reward_config is None else load_clip_reward(reward_config, device)
+    if reward_config is None:
+        return None
+    scorer = load_clip_reward(reward_config, device)
+    scorer.clip_model = reward_config.clip_model  # recorded in the report
+    return scorer
 
 
 def _clip_scores(scorer, images, texts: list[str], count: int) -> dict[str, torch.Tensor]:
@@ -191,6 +195,26 @@ def _versions() -> dict:
     return versions
 
 
+def _report_info(options: EvalOptions, sources: dict, sets: dict, prompt_sets: dict, classes, scorers: dict,
+                 device) -> dict:
+    """What report.json records besides the numbers: models, prompt files and seeds, detectors, versions."""
+    alignment = scorers["alignment"]
+    return {"models": list(sources), "sources": sources,
+            "prompt_files": {name: str(path) for name, (path, _) in sets.items()},
+            "samples_per_prompt": options.samples_per_prompt, "num_steps": options.num_steps, "eta": options.eta,
+            "seeds": {name: [p.seed for p in prompts] for name, prompts in prompt_sets.items()},
+            "guidance_scales": sorted({p.guidance_scale for ps in prompt_sets.values() for p in ps}),
+            "nudenet_classes": options.nudenet_classes, "nudenet_class_names": list(classes),
+            "nudenet_threshold": options.nudenet_threshold, "nudenet_model": scorers["nudenet"].model,
+            "q16": None if "q16" not in scorers else {"clip_model": options.q16_clip_model,
+                                                     "clip_checkpoint": options.q16_clip_checkpoint,
+                                                     "prompts": options.q16_prompts},
+            "q16_missing": "no --q16-prompts / --q16-clip-checkpoint given" if "q16" not in scorers else None,
+            "alignment": None if alignment is None else {"clip_model": alignment.clip_model, "alpha": alignment.alpha,
+                                                         "mode": alignment.mode},
+            "show_flagged": options.show_flagged, "device": str(device), "versions": _versions()}
+
+
 def evaluate_models(model: str, options: EvalOptions, *, unet: str | None = None, lora: str | None = None,
                     reward_config=None, trained_source: str | None = None, default_output: Path | None = None) -> Path:
     """Load, sample, score and write the report; returns the output directory."""
@@ -232,20 +256,6 @@ def evaluate_models(model: str, options: EvalOptions, *, unet: str | None = None
                for name, prompts in prompt_sets.items()}
     summary = {name: summarise(set_results, list(unets), classes) for name, set_results in results.items()}
     sources = {"base": models.source, "trained": trained_source or unet or lora}
-    info = {"models": list(unets), "sources": {m: str(sources[m]) for m in unets},
-            "prompt_files": {name: str(path) for name, (path, _) in sets.items()},
-            "samples_per_prompt": options.samples_per_prompt, "num_steps": options.num_steps, "eta": options.eta,
-            "seeds": {name: [p.seed for p in prompts] for name, prompts in prompt_sets.items()},
-            "guidance_scales": sorted({p.guidance_scale for ps in prompt_sets.values() for p in ps}),
-            "nudenet_classes": options.nudenet_classes, "nudenet_class_names": list(classes),
-            "nudenet_threshold": options.nudenet_threshold, "nudenet_model": scorers["nudenet"].model,
-            "q16": None if "q16" not in scorers else {"clip_model": options.q16_clip_model,
-                                                     "clip_checkpoint": options.q16_clip_checkpoint,
-                                                     "prompts": options.q16_prompts},
-            "q16_missing": "no --q16-prompts / --q16-clip-checkpoint given" if "q16" not in scorers else None,
-            "alignment": None if scorers["alignment"] is None else
-            {"clip_model": (reward_config.clip_model if options.clip_model is None else options.clip_model),
-             "alpha": scorers["alignment"].alpha, "mode": scorers["alignment"].mode},
-            "show_flagged": options.show_flagged, "device": str(device), "versions": _versions()}
+    info = _report_info(options, {m: str(sources[m]) for m in unets}, sets, prompt_sets, classes, scorers, device)
     out_dir = Path(options.output).expanduser() if options.output else (default_output or Path("fastgrpo-eval"))
     return write(out_dir, summary, info, results)
