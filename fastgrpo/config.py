@@ -112,6 +112,13 @@ class TrainConfig:
     safe_advantages: str = doc("'group': safe prompts' groups train on their own normalised advantages; 'zero': "
                                "their advantages are 0, so they train only through the KL penalty (if any)", "group",
                                choices=("group", "zero"))
+    preserve_prompts: str = doc("'safe': every update of the cross-attention's text projections is projected off the "
+                                "directions that hold train.preserve_energy of the safe prompts' (and the empty "
+                                "prompt's) text-encoder states, so their keys and values barely change; needs "
+                                "trainable_modules limited to attn2.to_k / attn2.to_v, one process, no LoRA; 'none' = "
+                                "off", "none", choices=("none", "safe"))
+    preserve_energy: float = doc("Fraction of the preserved prompts' text-state energy (sum of squared singular "
+                                 "values) whose directions updates may not touch", 0.99)
     batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
     samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
                                 "train.batch_size", 16)
@@ -351,6 +358,11 @@ def validate(config: Config) -> None:
     _require(t.kl_coef >= 0, f"train.kl_coef must be >= 0, got {t.kl_coef}")
     _require(t.kl_prompts == "all" or t.kl_estimator == "mean",
              "train.kl_prompts=safe needs train.kl_estimator=mean")
+    _require(0 < t.preserve_energy < 1, f"train.preserve_energy must be in (0, 1), got {t.preserve_energy}")
+    _require(t.preserve_prompts == "none" or (config.lora.rank == 0 and config.engine.deepspeed is None
+                                              and bool(t.trainable_modules)),
+             "train.preserve_prompts=safe needs one process (no engine.deepspeed), no LoRA, and "
+             "train.trainable_modules limited to the cross-attention's text projections (attn2.to_k, attn2.to_v)")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.samples_per_step >= t.batch_size and t.samples_per_step % t.batch_size == 0,
              f"train.samples_per_step ({t.samples_per_step}) must be a positive multiple of train.batch_size "

@@ -33,6 +33,7 @@ class SingleProcessEngine:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                               warmup_schedule(train_config.warmup_steps))
         self.max_grad_norm = train_config.max_grad_norm
+        self.update_projection = None  # a PreservedSubspace (fastgrpo.preserve) that corrects every step, or None
 
     def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
         """Accumulate gradients of `loss`; is_last marks the final micro-batch before `step`."""
@@ -50,7 +51,11 @@ class SingleProcessEngine:
             if skip_nonfinite:
                 return grad_norm
             raise NonFiniteError(f"gradient norm is {float(grad_norm)}; the step was not applied")
+        if self.update_projection is not None:
+            self.update_projection.before_step()
         self.optimizer.step()
+        if self.update_projection is not None:
+            self.update_projection.after_step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
