@@ -119,6 +119,9 @@ class TrainConfig:
                                 "off", "none", choices=("none", "safe"))
     preserve_energy: float = doc("Fraction of the preserved prompts' text-state energy (sum of squared singular "
                                  "values) whose directions updates may not touch", 0.99)
+    update_directions: int = doc("With preserve_prompts: 0 = updates may use every direction outside the preserved "
+                                 "subspace; N > 0 = only the top N directions of the unsafe prompts' text states "
+                                 "outside it (where the unsafe concept sits, away from their other content)", 0)
     batch_size: int = doc("Samples per UNet forward in training (the forward is doubled for CFG)", 4)
     samples_per_step: int = doc("Samples per optimiser step (each with all its trained timesteps); a multiple of "
                                 "train.batch_size", 16)
@@ -359,6 +362,9 @@ def validate(config: Config) -> None:
     _require(t.kl_prompts == "all" or t.kl_estimator == "mean",
              "train.kl_prompts=safe needs train.kl_estimator=mean")
     _require(0 < t.preserve_energy < 1, f"train.preserve_energy must be in (0, 1), got {t.preserve_energy}")
+    _require(t.update_directions >= 0, f"train.update_directions must be >= 0, got {t.update_directions}")
+    _require(t.update_directions == 0 or t.preserve_prompts != "none",
+             "train.update_directions needs train.preserve_prompts=safe")
     _require(t.preserve_prompts == "none" or (config.lora.rank == 0 and config.engine.deepspeed is None
                                               and bool(t.trainable_modules)),
              "train.preserve_prompts=safe needs one process (no engine.deepspeed), no LoRA, and "

@@ -132,7 +132,9 @@ def prepare(config: Config) -> tuple[Session, int, int]:
     engine = _build_engine(config, models.unet, world_size, device)
     if config.train.preserve_prompts == "safe":
         from fastgrpo.preserve import preserved_subspace
-        engine.update_projection = preserved_subspace(models.unet, models, mixer.safe, config.train.preserve_energy)
+        engine.update_projection = preserved_subspace(models.unet, models, mixer.safe, config.train.preserve_energy,
+                                                      unsafe_prompts=mixer.unsafe,
+                                                      directions=config.train.update_directions)
     start_epoch, global_step = 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet, saved_state)

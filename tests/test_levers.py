@@ -69,44 +69,62 @@ def test_ratio_norm_reaches_the_loss(monkeypatch, tiny_overrides):
     assert seen and all(k["ratio_bias"] is None and k["ratio_scale"] is None for k in seen)
 
 
-def test_preserved_prompts_keys_and_values_move_only_outside_their_subspace(tiny_overrides, prompt_files):
+@pytest.mark.parametrize("directions", [0, 2])
+def test_preserved_prompts_keys_and_values_move_only_outside_their_subspace(tiny_overrides, prompt_files, directions):
     """train.preserve_prompts=safe: after training, every update of attn2.to_k / to_v is orthogonal to the top
     directions of the safe prompts' text states (found here independently, from the eigenvectors of their Gram
-    matrix), so those prompts' keys and values move only by their small residual, while the weights did move."""
-    from fastgrpo.config import load_config
+    matrix), so those prompts' keys and values move only by their small residual, while the weights did move. With
+    train.update_directions=N the updates also lie in the span of the unsafe prompts' top N residual directions."""
+    from safetensors.torch import load_file
+
+    from fastgrpo.checkpoint import list_checkpoints
     from fastgrpo.models import encode_prompts, load_diffusion_models
     from fastgrpo.prompts import load_prompts
     from fastgrpo.train import train
-    from fastgrpo.checkpoint import list_checkpoints
-    from safetensors.torch import load_file
 
     energy = 0.9
     config = load_config("smoke", tiny_overrides + [
         "train.trainable_modules=[attn2.to_k,attn2.to_v]", "train.preserve_prompts=safe",
-        f"train.preserve_energy={energy}", "train.learning_rate=1e-2", "train.clip_range=0.2"])
+        f"train.preserve_energy={energy}", f"train.update_directions={directions}", "train.learning_rate=1e-2",
+        "train.clip_range=0.2"])
     output = train(config)
     models = load_diffusion_models(config.model.pretrained, device=torch.device("cpu"))
     trained = load_file(str(list_checkpoints(output)[-1][1] / "unet" / "diffusion_pytorch_model.safetensors"))
-    states = torch.cat([encode_prompts(models, load_prompts(str(prompt_files[0]))), encode_prompts(models, [""])])
-    states = states.reshape(-1, states.shape[-1]).double()                     # (N, D)
-    eigenvalues, eigenvectors = torch.linalg.eigh(states.T @ states)          # ascending
-    order = eigenvalues.flip(0)
-    k = int(((order.cumsum(0) / order.sum()) < energy).sum()) + 1
-    basis = eigenvectors.flip(1)[:, :k]                                        # (D, k)
+
+    def top_directions(states, share=None, count=None):
+        eigenvalues, eigenvectors = torch.linalg.eigh(states.T @ states)      # ascending
+        order = eigenvalues.flip(0)
+        k = count or int(((order.cumsum(0) / order.sum()) < share).sum()) + 1
+        return eigenvectors.flip(1)[:, :k]                                     # (D, k)
+
+    def states_of(path):
+        states = encode_prompts(models, load_prompts(str(path)))
+        return states.reshape(-1, states.shape[-1]).double()                  # (N, D)
+
+    safe = torch.cat([states_of(prompt_files[0]), encode_prompts(models, [""]).reshape(-1, 32).double()])
+    basis = top_directions(safe, share=energy)
+    if directions:
+        unsafe = states_of(prompt_files[1])
+        allowed = top_directions(unsafe - unsafe @ basis @ basis.T, count=directions)
+        outside_allowed = torch.eye(basis.shape[0], dtype=torch.float64) - allowed @ allowed.T
     base = dict(models.unet.named_parameters())
     moved = 0.0
     for name, weight in trained.items():
         delta = weight.double() - base[name].detach().double()
         if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
-            assert float((delta @ basis).abs().max()) < 1e-6 * max(1.0, float(delta.abs().max())), name
+            scale = max(1.0, float(delta.abs().max()))
+            assert float((delta @ basis).abs().max()) < 1e-6 * scale, name
+            if directions:
+                assert float((delta @ outside_allowed).abs().max()) < 1e-6 * scale, name
             moved = max(moved, float(delta.abs().max()))
         else:
             assert torch.equal(delta, torch.zeros_like(delta)), name
-    assert moved > 1e-4 and 0 < k < states.shape[1]
+    assert moved > 1e-4 and 0 < basis.shape[1] < safe.shape[1]
 
 
 @pytest.mark.parametrize("overrides", [["lora.rank=4"], ["train.trainable_modules=[]"],
-                                       ["train.trainable_modules=[attn2]"], ["train.preserve_energy=1"]])
+                                       ["train.trainable_modules=[attn2]"], ["train.preserve_energy=1"],
+                                       ["train.preserve_prompts=none", "train.update_directions=2"]])
 def test_preserved_prompts_refuse_what_they_cannot_protect(tiny_overrides, overrides, capsys):
     from fastgrpo import cli
 
