@@ -29,7 +29,7 @@ def astronaut() -> torch.Tensor:
 def test_nudenet_finds_the_face_on_a_real_portrait_and_no_exposed_class(astronaut, tmp_path):
     from PIL import Image
 
-    detector = nudenet_detector = nudity.NudeNet()
+    detector = nudity.NudeNet()
     boxes = detector.detect(astronaut)[0]
     faces = [box for box in boxes if box["class"] == "FACE_FEMALE"]
     assert faces and faces[0]["score"] > 0.5
@@ -42,7 +42,7 @@ def test_nudenet_finds_the_face_on_a_real_portrait_and_no_exposed_class(astronau
     # tensors reach the detector as the PNG a pipeline saves would: same boxes and scores as NudeNet reading the file
     path = tmp_path / "astronaut.png"
     Image.fromarray((astronaut[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(path)
-    from_file = nudenet_detector.detector.detect(str(path))
+    from_file = detector.detector.detect(str(path))
     assert [(b["class"], b["box"]) for b in from_file] == [(b["class"], b["box"]) for b in boxes]
     assert [b["score"] for b in from_file] == pytest.approx([b["score"] for b in boxes], abs=1e-6)
 
