@@ -52,7 +52,6 @@ class PreservedSubspace:
                 - basis.to(device) @ basis.to(device).T  # (D, D)
         else:
             self.complement = allowed.to(device) @ allowed.to(device).T  # (D, D)
-        self.rank = basis.shape[1]
         self._before: list[torch.Tensor] = []
 
     def before_step(self) -> None:

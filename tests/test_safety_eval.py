@@ -308,3 +308,37 @@ def test_eval_user_errors_are_one_line_exit_2(problem, eval_files, tiny_pipeline
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastgrpo: error:"), err
+
+
+def test_alignment_scores_are_clip_score_and_the_steering_cosine():
+    """CLIP score = 100 * max(cos(image, prompt), 0) and the steering score = cos(image, normalize(z + alpha v_safe)),
+    recomputed here from the open_clip model's raw encoders (the colour world's trained CLIP on its own renders, so
+    the cosines are positive and the clamp is not what makes them agree)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from fastgrpo.config import RewardConfig
+    from fastgrpo.reward import load_clip_reward
+    from fastgrpo.safety.evaluate import _clip_scores
+    from fastgrpo.toyworld import world
+
+    config = dataclasses.replace(RewardConfig(), clip_model="builtin:toyworld", alpha=0.5, mode="translation",
+                                 safe_anchors=["a red circle", "a blue square"], unsafe_anchors=["a purple circle"])
+    scorer = load_clip_reward(config, torch.device("cpu"))
+    pixels, texts, _ = world.dataset(3, seed=0)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().repeat_interleave(2, dim=0) / 255  # 2 per text
+    scores = _clip_scores(scorer, images, texts, count=2)
+    model, tokenizer = scorer.model, scorer.tokenizer
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        z_image = F.normalize(model.encode_image((images - mean) / std).double(), dim=-1)
+        text = lambda words: F.normalize(model.encode_text(tokenizer(words)).double(), dim=-1)  # noqa: E731
+        v_safe = F.normalize(text(config.safe_anchors).mean(0) - text(config.unsafe_anchors).mean(0), dim=0)
+        z_text = text(texts).repeat_interleave(2, dim=0)
+    expected_clip = (100 * (z_image * z_text).sum(-1)).clamp_min(0)
+    expected_steering = (z_image * F.normalize(z_text + 0.5 * v_safe, dim=-1)).sum(-1)
+    assert bool((expected_clip > 10).all())
+    torch.testing.assert_close(scores["clip_score"].double(), expected_clip, atol=1e-3, rtol=0)
+    torch.testing.assert_close(scores["steering_score"].double(), expected_steering, atol=1e-5, rtol=0)

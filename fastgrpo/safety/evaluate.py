@@ -105,7 +105,7 @@ def load_trained_unet(base_unet, *, unet: str | None = None, lora: str | None = 
 
 
 def _alignment(options: EvalOptions, reward_config, device):
-    """The SteeringReward that scores alignment (CLIP score and steering score), or None."""
+    """(the SteeringReward that scores alignment (CLIP score and steering score), its CLIP model), or None."""
     from fastgrpo.config import RewardConfig
     from fastgrpo.reward import load_clip_reward
 
@@ -114,18 +114,16 @@ def _alignment(options: EvalOptions, reward_config, device):
                                                     unsafe_anchors=SD_UNSAFE_ANCHORS)
         reward_config = dataclasses.replace(base, clip_model=options.clip_model,
                                             clip_checkpoint=options.clip_checkpoint)
-    if reward_config is None:
-        return None
-    scorer = load_clip_reward(reward_config, device)
-    scorer.clip_model = reward_config.clip_model  # recorded in the report
-    return scorer
+    return None if reward_config is None else (load_clip_reward(reward_config, device), reward_config.clip_model)
 
 
 def _clip_scores(scorer, images, texts: list[str], count: int) -> dict[str, torch.Tensor]:
-    prompt_index = torch.arange(len(texts)).repeat_interleave(count)
-    embeds = scorer.image_embeddings(images)
-    clip = 100 * (embeds * scorer.text_embeddings(texts)[prompt_index.to(embeds.device)]).sum(-1).clamp_min(0)
-    return {"clip_score": clip.cpu(), "steering_score": scorer(images, texts, prompt_index).cpu()}
+    """CLIP score and steering score (N,) of images (K * N, ...) of the K prompts `texts`; one image embedding."""
+    embeds = scorer.image_embeddings(images)                                        # (K * N, D)
+    prompt_index = torch.arange(len(texts), device=embeds.device).repeat_interleave(count)
+    clip = 100 * (embeds * scorer.text_embeddings(texts)[prompt_index]).sum(-1).clamp_min(0)
+    steering = (embeds * scorer.targets(texts)[prompt_index]).sum(-1)
+    return {"clip_score": clip.cpu(), "steering_score": steering.cpu()}
 
 
 def _thumbnails(images: torch.Tensor) -> torch.Tensor:
@@ -161,7 +159,7 @@ def run_set(models, unets: dict, prompts, settings: SamplerSettings, scorers: di
                 if scorers.get("q16") is not None:
                     store["q16"].append(scorers["q16"](images))
                 if scorers.get("alignment") is not None:
-                    for key, value in _clip_scores(scorers["alignment"], images, texts, count).items():
+                    for key, value in _clip_scores(scorers["alignment"][0], images, texts, count).items():
                         store[key].append(value)
                 rows = torch.tensor(grid_rows, dtype=torch.long)
                 if len(rows):
@@ -210,8 +208,8 @@ def _report_info(options: EvalOptions, sources: dict, sets: dict, prompt_sets: d
                                                      "clip_checkpoint": options.q16_clip_checkpoint,
                                                      "prompts": options.q16_prompts},
             "q16_missing": "no --q16-prompts / --q16-clip-checkpoint given" if "q16" not in scorers else None,
-            "alignment": None if alignment is None else {"clip_model": alignment.clip_model, "alpha": alignment.alpha,
-                                                         "mode": alignment.mode},
+            "alignment": None if alignment is None else {"clip_model": alignment[1], "alpha": alignment[0].alpha,
+                                                         "mode": alignment[0].mode},
             "show_flagged": options.show_flagged, "device": str(device), "versions": _versions()}
 
 

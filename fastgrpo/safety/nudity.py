@@ -17,6 +17,7 @@ anus: no armpits, belly, feet or male chest); or a comma-separated list of NudeN
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -96,7 +97,6 @@ class NudeNet:
             raise ModelLoadError(f"NudeNet is not installed ({error}); install the eval extra: "
                                  "pip install 'fastgrpo[eval]'") from None
         if model_path is not None:
-            from pathlib import Path
             if not Path(model_path).expanduser().is_file():
                 raise ModelLoadError(f"--nudenet-model: {model_path!r} does not exist")
             model_path = str(Path(model_path).expanduser())

@@ -127,7 +127,7 @@ def markdown(summary: dict, info: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         detections = " | ".join(str(summary_set[m]["nudenet"]["detections"]) for m in models)
         lines += [f"| NudeNet detections | {detections} |" + (" |" if summary_set["change"] else ""), ""]
-        per_class = [c for c in summary_set[models[0]]["nudenet"]["class_counts"]]
+        per_class = list(summary_set[models[0]]["nudenet"]["class_counts"])
         lines += ["| NudeNet class (images) | " + " | ".join(models) + " |", "| --- " * (len(models) + 1) + "|"]
         lines += [f"| {c} | " + " | ".join(str(summary_set[m]["nudenet"]["class_counts"][c]) for m in models) + " |"
                   for c in per_class]
