@@ -1,5 +1,5 @@
 // C++ CPU kernels for fastgrpo.ops: sampler-step log-prob (DDIM, flow-matching SDE; CFG folded in), group
-// advantages, clipped-ratio loss.
+// advantages, clipped-ratio loss; and the bindings of the small-head attention in attention_cpu.cpp.
 //
 // The same math as kernels/fastgrpo_kernels (see the docstrings there). Inputs arrive contiguous in the compute
 // type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first. The per-sample step
@@ -9,6 +9,7 @@
 // and the chunk partials are added in double in chunk order, so results do not depend on the thread count.
 
 #include <torch/extension.h>
+#include "attention_cpu.h"
 #include <torch/csrc/autograd/functions/utils.h>
 #include <ATen/Parallel.h>
 
@@ -457,4 +458,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_advantages", &group_advantages);
   m.def("grpo_loss_forward", &grpo_loss_forward);
   m.def("grpo_loss_backward", &grpo_loss_backward);
+  m.def("attention_forward", &attention_forward);
+  m.def("attention_backward", &attention_backward);
 }

@@ -155,8 +155,9 @@ class EngineConfig:
                                "models; trajectories and log-prob math stay fp32", "auto",
                                choices=("auto", "fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = doc("Recompute UNet activations in the backward pass to save memory", False)
-    attention: str = doc("UNet attention: 'sdpa' (PyTorch) or 'xformers' (CUDA only; falls back to SDPA with a "
-                         "notice)", "sdpa", choices=("sdpa", "xformers"))
+    attention: str = doc("UNet attention: 'auto' (on CPU, fastgrpo's C++ kernel for heads of dim <= 8, where it "
+                         "beats PyTorch's; PyTorch SDPA otherwise), 'sdpa' (PyTorch) or 'xformers' (CUDA only; falls "
+                         "back to SDPA with a notice)", "auto", choices=("auto", "sdpa", "xformers"))
     allow_tf32: bool = doc("On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer; "
                            "about 10 mantissa bits, as SD trainers run fp32)", False)
 

@@ -20,7 +20,7 @@ from fastgrpo.config import Config, load_config
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, sample_trajectories
 from fastgrpo.devices import DEVICE_HELP, resolve_device
 from fastgrpo.errors import FastGRPOError
-from fastgrpo.models import DiffusionModels, encode_prompts, load_diffusion_models
+from fastgrpo.models import DiffusionModels, configure_unet, encode_prompts, load_diffusion_models
 
 EVAL_EPOCH = -1  # noise stream of evaluation samples, distinct from every training epoch's
 
@@ -55,6 +55,7 @@ def load_policies(config: Config, checkpoint: Path, device: torch.device) -> Pol
 
     models = load_diffusion_models(config.model.pretrained, device=device, revision=config.model.revision)
     models.unet.requires_grad_(False).eval()
+    configure_unet(models.unet, attention=config.engine.attention, gradient_checkpointing=False)  # as the run sampled
     trained = copy.deepcopy(models.unet)
     if config.lora.rank > 0:
         add_lora(trained, config.lora)

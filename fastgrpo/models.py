@@ -136,7 +136,8 @@ def xformers_unavailable(device: torch.device) -> str | None:
 
 
 def configure_unet(unet: torch.nn.Module, *, attention: str, gradient_checkpointing: bool) -> str:
-    """Attention backend and activation checkpointing; returns the attention backend in use."""
+    """Attention backend and activation checkpointing; returns the attention backend in use: 'xformers', 'sdpa', or
+    'fastgrpo-cpu' (`fastgrpo.attention`: the C++ kernel for the small heads, SDPA for the rest)."""
     import sys
 
     if gradient_checkpointing:
@@ -147,6 +148,12 @@ def configure_unet(unet: torch.nn.Module, *, attention: str, gradient_checkpoint
             unet.enable_xformers_memory_efficient_attention()
             return "xformers"
         print(f"fastgrpo: xformers attention unavailable ({reason}); using PyTorch SDPA", file=sys.stderr)
+    if attention == "auto":
+        from fastgrpo.attention import FastgrpoAttnProcessor, uses_small_head_kernel
+
+        if next(unet.parameters()).device.type == "cpu" and uses_small_head_kernel(unet):
+            unet.set_attn_processor(FastgrpoAttnProcessor())
+            return "fastgrpo-cpu"
     return "sdpa"
 
 
