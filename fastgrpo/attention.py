@@ -82,9 +82,11 @@ class FastgrpoAttnProcessor:
         self.fallback = AttnProcessor2_0()
 
     def kernel_serves(self, attn, hidden_states, attention_mask) -> bool:
-        plain = (attention_mask is None and hidden_states.dim() == 3 and attn.spatial_norm is None
-                 and attn.group_norm is None and not attn.norm_cross and attn.norm_q is None and attn.norm_k is None
-                 and attn.inner_kv_dim == attn.inner_dim)
+        # attributes a diffusers version may lack count as "not plain", so such modules keep diffusers' processor
+        extras = ("spatial_norm", "group_norm", "norm_cross", "norm_q", "norm_k")
+        plain = (attention_mask is None and hidden_states.dim() == 3
+                 and all(getattr(attn, name, True) in (None, False) for name in extras)
+                 and getattr(attn, "inner_kv_dim", None) == getattr(attn, "inner_dim", 0))
         return plain and small_head_kernel_unavailable(hidden_states, attn.inner_dim // attn.heads) is None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
