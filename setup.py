@@ -24,6 +24,7 @@ if os.environ.get("FASTGRPO_NO_EXT") != "1":
         # -fno-trapping-math lets GCC turn branches on floats (the clamp in the attention's exp) into selects, so
         # those loops vectorise; it changes no result, only the assumption that comparisons may trap.
         ext_modules = [CppExtension("fastgrpo._C", ["csrc/fastgrpo_cpu.cpp", "csrc/attention_cpu.cpp"],
+                                    depends=["csrc/attention_cpu.h"],
                                     extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", *arch],
                                     extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": BuildExtension}

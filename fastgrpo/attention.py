@@ -5,7 +5,7 @@ dim 3 or 6 (the toy worlds' UNets: diffusers reads their `attention_head_dim` 16
 those calls cost more than the softmax itself, and attention took about 40% of a UNet call. The C++ kernel
 (csrc/attention_cpu.cpp) loops over keys with unit stride instead and reads the projections in their (B, L, H, D)
 layout without transposes. It is used for heads of dim <= SMALL_HEAD_DIM, where it was measured faster
-(`bench/test_bench_ops.py::test_attention`); larger heads, masks, autocast and other devices go to PyTorch SDPA.
+(`bench/test_bench_attention.py`); larger heads, masks, autocast and other devices go to PyTorch SDPA.
 
 This module needs only torch (and the extension); `FastgrpoAttnProcessor` imports diffusers when it is created.
 """
@@ -17,8 +17,8 @@ from torch.autograd.function import once_differentiable
 
 from fastgrpo.ops.dispatch import cpp_kernels
 
-# Head dims up to this use the C++ kernel. Measured on a 2-core AVX2 CPU (fp32, forward + backward): dim 3, 6 and 8
-# 2.7x, 2.4x and 1.6x faster than PyTorch SDPA; dim 16 1.3x slower.
+# Head dims up to this use the C++ kernel. `bench/test_bench_attention.py` on a 2-core AVX2 CPU (fp32, forward +
+# backward): the toy UNets' dims 3 and 6 2.3-3.5x and dim 8 1.7x faster than PyTorch SDPA; dim 16 1.4x slower.
 SMALL_HEAD_DIM = 8
 
 
@@ -99,8 +99,6 @@ class FastgrpoAttnProcessor:
         query = attn.to_q(hidden_states).view(batch, -1, heads, head_dim)
         key = attn.to_k(context).view(batch, -1, heads, head_dim)
         value = attn.to_v(context).view(batch, -1, heads, head_dim)
-        if not query.dtype == key.dtype == value.dtype == hidden_states.dtype:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         out = small_head_attention(query, key, value).view(batch, -1, heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
