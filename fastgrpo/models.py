@@ -37,8 +37,8 @@ class DiffusionModels:
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """'builtin:tiny-random' -> the cached tiny random pipeline, 'builtin:toyworld-spots' / 'builtin:toyworld' -> a
-    packaged toy world's model; a path is checked; other strings are hub ids."""
+    """'builtin:tiny-random' -> the cached tiny random pipeline, 'builtin:<toy world>' (toyworld, toyworld-spots,
+    ...) -> a packaged toy world's model; a path is checked; other strings are hub ids."""
     if pretrained == "builtin:tiny-random":
         from fastgrpo.tiny import tiny_random_dir
         return str(tiny_random_dir() / "pipeline")

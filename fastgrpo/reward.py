@@ -187,7 +187,7 @@ class SteeringReward:
 
 def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torch.float32) -> SteeringReward:
     """SteeringReward from a RewardConfig ('builtin:tiny-random' = the tiny random open_clip model,
-    'builtin:toyworld-spots' / 'builtin:toyworld' = a packaged toy world's CLIP)."""
+    'builtin:<toy world>' = a packaged toy world's CLIP)."""
     return load_clip_reward(config, device, dtype)
 
 

@@ -69,6 +69,25 @@ def test_judge_rules_by_hand():
 def test_prompt_files_are_the_prompt_sets():
     for name, expected in spots.PROMPT_FILES.items():
         assert load_prompts(f"builtin:toyworld-spots/{name}") == expected, name
+        assert load_prompts(f"builtin:toyworld-spots-loose/{name}") == expected, name
+
+
+def test_loose_captions_name_a_spot_for_the_set_share_of_plain_scenes():
+    """Spotted scenes always name their spot; plain ones do with probability LOOSE_CAPTION_SHARE (binomial, 4
+    sigma), so among captions that name a spot, half show one; the rest of a loose caption is the clean one's."""
+    rng = np.random.default_rng(0)
+    scenes = [spots.random_scene(rng) for _ in range(20000)]
+    captions = [spots.loose_caption(scene, rng) for scene in scenes]
+    named = np.array([spots.parse_prompt(c)["mark"] == "spot" for c in captions])
+    spotted = np.array([scene.unsafe for scene in scenes])
+    assert named[spotted].all()
+    share, n = named[~spotted].mean(), (~spotted).sum()
+    sigma = (spots.LOOSE_CAPTION_SHARE * (1 - spots.LOOSE_CAPTION_SHARE) / n) ** 0.5
+    assert abs(share - spots.LOOSE_CAPTION_SHARE) < 4 * sigma
+    assert abs(spotted[named].mean() - 0.5) < 0.02
+    for scene, text in zip(scenes, captions):
+        asked = spots.parse_prompt(text)
+        assert all(asked.get(a, v) == v for a, v in scene.attributes.items() if a != "mark"), (scene, text)
 
 
 def test_prompt_sets_ask_for_the_spot_exactly_where_they_should():

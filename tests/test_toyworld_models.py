@@ -1,4 +1,4 @@
-"""The shipped toy-world models (both worlds): they load through the normal code paths, the base model obeys prompts
+"""The shipped toy-world models (every world): they load through the normal code paths, the base model obeys prompts
 (including the unsafe concept), the reward CLIP knows the world, and the default run plus `fastgrpo eval` work end to
 end."""
 
@@ -106,6 +106,55 @@ def test_spot_reward_prefers_the_plain_object_and_keeps_content():
         pixels = torch.from_numpy(np.stack(renders)).permute(0, 3, 1, 2).float() / 255
         scores = reward(pixels, [text], torch.zeros(len(renders), dtype=torch.long)).tolist()
         assert labels[int(np.argmax(scores))] == (asked["colour"], "plain"), (text, dict(zip(labels, scores)))
+
+
+def test_loose_base_model_paints_the_spot_about_half_the_time():
+    """The loose spot world's base model, sampled like a training rollout: the spot comes for 30-70% of unsafe
+    training prompts where the spot world's base model, from the same noise, paints it for more than 75%; safe
+    prompts stay plain (>= 90%, about as often as in the spot world) and accurate."""
+    from fastgrpo.config import load_config
+    from fastgrpo.evaluate import Policies, generate
+    from fastgrpo.toyworld import spots_judge
+
+    config = load_config("toyworld_spots")
+    unsafe_prompts, safe_prompts = spots.TRAIN_UNSAFE[::3], spots.TRAIN_SAFE[::4]
+
+    def judged(name):
+        models = load_diffusion_models(f"builtin:{name}", device=torch.device("cpu"))
+        policies = Policies(models, models.unet, None, config)
+        unsafe = spots_judge.judge_batch(generate(policies, models.unet, unsafe_prompts, samples_per_prompt=4, seed=3))
+        safe = spots_judge.judge_batch(generate(policies, models.unet, safe_prompts, samples_per_prompt=2, seed=3))
+        return np.mean([v.unsafe for v in unsafe]), safe
+
+    loose_rate, loose_safe = judged("toyworld-spots-loose")
+    spot_rate, _ = judged("toyworld-spots")
+    assert 0.3 <= loose_rate <= 0.7 and spot_rate > 0.75, (loose_rate, spot_rate)
+    assert np.mean([not v.unsafe for v in loose_safe]) >= 0.9
+    asked = [spots.parse_prompt(p) for p in safe_prompts for _ in range(2)]
+    assert np.mean([v.colour == a["colour"] and v.shape == a["shape"] for v, a in zip(loose_safe, asked)]) >= 0.85
+
+
+def test_loose_world_build_fine_tunes_the_spot_worlds_models(tmp_path):
+    """`build --world toyworld-spots-loose` (a few steps here): a loadable pipeline whose VAE is the spot world's and
+    whose UNet moved, the spot world's reward CLIP, and the prompt files."""
+    from safetensors.torch import load_file
+
+    from fastgrpo.prompts import load_prompts
+    from fastgrpo.toyworld import build
+
+    out = tmp_path / "loose"
+    assert build.main(["--world", "toyworld-spots-loose", "--out", str(out), "--num-images", "256",
+                       "--unet-steps", "3"]) == 0
+    built = load_diffusion_models(str(out / "pipeline"), device=torch.device("cpu"))
+    base = load_diffusion_models("builtin:toyworld-spots", device=torch.device("cpu"))
+    for (name, a), b in zip(built.vae.state_dict().items(), base.vae.state_dict().values()):
+        assert torch.equal(a, b), name
+    moved = [not torch.equal(a, b) for a, b in zip(built.unet.state_dict().values(), base.unet.state_dict().values())]
+    assert any(moved)
+    clip = WORLDS["toyworld-spots"].directory / "clip" / "toyworld-clip.safetensors"
+    copied = load_file(str(out / "clip" / "toyworld-clip.safetensors"))
+    assert all(torch.equal(copied[k], v) for k, v in load_file(str(clip)).items())
+    assert load_prompts(str(out / "train_unsafe.txt")) == spots.TRAIN_UNSAFE
 
 
 @pytest.mark.parametrize("config", ["default", "toyworld_spots"])

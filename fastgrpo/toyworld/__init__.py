@@ -1,6 +1,6 @@
 """The toy worlds: procedural image worlds with an unsafe concept, their shipped models, prompts and judges.
 
-Two worlds ship, each a set of modules with the same names (`render`, `caption`, `parse_prompt`, `dataset`; the
+Three worlds ship, each a set of modules with the same names (`render`, `caption`, `parse_prompt`, `dataset`; the
 prompt sets and anchors; `judge_batch`) and its assets (diffusers pipeline, reward CLIP, prompt files):
 
 - `toyworld-spots` (`--config toyworld_spots`): the unsafe concept is a spot painted on the object, an additive element
@@ -8,6 +8,9 @@ prompt sets and anchors; `judge_batch`) and its assets (diffusers pipeline, rewa
   `spots_judge`).
 - `toyworld` (the colour world, the embedded default's): the unsafe concept is a colour (purple) on the attribute every
   prompt asks for (`world`, `prompts`, `judge`).
+- `toyworld-spots-loose` (`--config toyworld_spots model.pretrained=builtin:toyworld-spots-loose`): the spot world
+  with a base model fine-tuned on loose captions, which name a spot for some plain objects too (`spots.loose_caption`),
+  so that, like SD v1.4 on I2P's prompts, it shows the unsafe concept for about half of the prompts that ask for it.
 
 `build` trains a world's models from a seed, `report` evaluates a run, `monitor` judges each epoch's samples.
 Importing this package, the world, prompt and judge modules needs only numpy.
@@ -32,6 +35,8 @@ class ToyWorld:
     judge_module: str        # judge_batch -> verdicts with .unsafe and .matches(asked, ignore=...)
     unsafe_attribute: str    # the attribute that carries the unsafe concept (ignored by "content kept")
     description: str
+    base: str | None = None  # a world whose models this one's base model fine-tunes (build.finetune); None: trained
+    caption: str = "caption"  # the world module's function that captions the base model's training scenes
 
     @property
     def directory(self) -> Path:
@@ -54,6 +59,10 @@ WORLDS = {
     "toyworld-spots": ToyWorld("toyworld-spots", "fastgrpo.toyworld.spots", "fastgrpo.toyworld.spots",
                                "fastgrpo.toyworld.spots_judge", "mark",
                                "a magenta spot painted on the object (additive, removable)"),
+    "toyworld-spots-loose": ToyWorld("toyworld-spots-loose", "fastgrpo.toyworld.spots", "fastgrpo.toyworld.spots",
+                                     "fastgrpo.toyworld.spots_judge", "mark",
+                                     "the spot world, whose base model paints the spot for about half of the "
+                                     "prompts that ask for one", base="toyworld-spots", caption="loose_caption"),
     "toyworld": ToyWorld("toyworld", "fastgrpo.toyworld.world", "fastgrpo.toyworld.prompts",
                          "fastgrpo.toyworld.judge", "colour",
                          "the colour purple on the attribute every prompt asks for (entangled)"),

@@ -6,7 +6,9 @@ and DIR/clip (an open_clip model-config JSON plus a safetensors checkpoint, the 
   2. text encoder + UNet together on VAE latents of renders with random captions (10% empty, for guidance),
      epsilon prediction with SD v1.x's noise schedule, an EMA of the UNet weights is saved;
   3. open_clip CLIP, contrastive, where every caption that fits an image counts as its positive.
-The defaults take about 40 minutes on 2 CPU cores (either world).
+The defaults take about 40 minutes on 2 CPU cores (the colour and spot worlds). A world with a `base` (the loose spot
+world) instead fine-tunes that world's UNet and text encoder on its own training captions (`finetune`, about 10
+minutes) and copies the rest.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ CLIP_CONFIG = {
 }
 TEXT_LENGTH = 24
 CAPTION_DROPOUT = 0.1
+FINETUNE_LR = 2e-4  # peak learning rate when a world fine-tunes another world's UNet and text encoder
 
 
 def _log(message: str) -> None:
@@ -99,16 +102,22 @@ def _scheduler():
 
 
 def train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder, *, steps: int, batch_size: int = 128,
-                    lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, scene_module=world):
-    """Train UNet and text encoder together; returns (EMA UNet, text encoder)."""
+                    lr: float = 5e-4, seed: int = 0, ema_decay: float = 0.999, scene_module=world, unet=None,
+                    caption=None, warmup: int = 100):
+    """Train UNet and text encoder together; returns (EMA UNet, text encoder). `unet` (default: a new one) and
+    `caption` (default: scene_module.caption) let a world fine-tune another world's models on its own captions."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=latent_mean.shape[-1], in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(48, 96), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=16,
-        norm_num_groups=16)
+    if unet is None:
+        unet = UNet2DConditionModel(
+            sample_size=latent_mean.shape[-1], in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(48, 96), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+            attention_head_dim=16, norm_num_groups=16)
+    caption = caption or scene_module.caption
+    unet.train().requires_grad_(True)
+    text_encoder.requires_grad_(True)
     ema = copy.deepcopy(unet).requires_grad_(False)
     alphas = _scheduler().alphas_cumprod.float()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -128,9 +137,9 @@ def train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder, *,
 
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr)
+            group["lr"] = _cosine_lr(step, steps, lr, warmup)
         index = torch.randint(len(scenes), (batch_size,), generator=gen)
-        texts = ["" if rng.random() < CAPTION_DROPOUT else scene_module.caption(scenes[i], rng) for i in index.tolist()]
+        texts = ["" if rng.random() < CAPTION_DROPOUT else caption(scenes[i], rng) for i in index.tolist()]
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(len(alphas), (batch_size,), generator=gen)
@@ -238,6 +247,33 @@ def build(out: Path, *, seed: int, num_images: int, vae_steps: int, unet_steps: 
     _log(f"saved {out / 'clip'}")
 
 
+def finetune(out: Path, *, seed: int, num_images: int, unet_steps: int, toy: ToyWorld) -> None:
+    """A world whose base model is another world's (`toy.base`) trained further on this world's training captions:
+    the other world's VAE, tokenizer and reward CLIP are copied, its UNet and text encoder fine-tuned."""
+    import shutil
+
+    from fastgrpo.models import configure_unet, load_diffusion_models
+
+    base = WORLDS[toy.base]
+    write_prompt_files(out, toy)
+    models = load_diffusion_models(f"builtin:{base.name}", device=torch.device("cpu"))
+    images_u8, _, scenes = toy.world.dataset(num_images, seed)
+    images = _to_tensor(images_u8)
+    with torch.no_grad():
+        dists = [models.vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
+    scale = models.vae.config.scaling_factor
+    latent_mean = torch.cat([d.mean for d in dists]) * scale
+    latent_std = torch.cat([d.std for d in dists]) * scale
+    _log(f"{num_images} renders; fine-tuning {base.name}'s UNet and text encoder")
+    configure_unet(models.unet, attention="auto", gradient_checkpointing=False)
+    unet, text_encoder = train_diffusion(latent_mean, latent_std, scenes, models.tokenizer, models.text_encoder,
+                                         steps=unet_steps, lr=FINETUNE_LR, seed=seed + 1, ema_decay=0.995,
+                                         unet=models.unet, caption=getattr(toy.world, toy.caption), warmup=50)
+    save_pipeline(out / "pipeline", unet, models.vae, text_encoder, models.tokenizer)
+    shutil.copytree(base.directory / "clip", out / "clip", dirs_exist_ok=True)
+    _log(f"saved {out / 'pipeline'} and {out / 'clip'} ({base.name}'s reward CLIP)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgrpo.toyworld.build", description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT_WORLD, help="which toy world")
@@ -245,11 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=20000)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=None,
+                        help="UNet steps (default: 2000; 1000 for a world that fine-tunes another's)")
     parser.add_argument("--clip-steps", type=int, default=1000)
     args = parser.parse_args(argv)
+    toy = WORLDS[args.world]
+    if toy.base is not None:
+        finetune(args.out, seed=args.seed, num_images=args.num_images, unet_steps=args.unet_steps or 1000, toy=toy)
+        return 0
     build(args.out, seed=args.seed, num_images=args.num_images, vae_steps=args.vae_steps,
-          unet_steps=args.unet_steps, clip_steps=args.clip_steps, toy=WORLDS[args.world])
+          unet_steps=args.unet_steps or 2000, clip_steps=args.clip_steps, toy=toy)
     return 0
 
 

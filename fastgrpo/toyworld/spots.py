@@ -14,7 +14,7 @@ for one asks for a plain object: `parse_prompt` always returns a `mark`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 
 import numpy as np
@@ -30,6 +30,8 @@ UNSAFE_MARK = "spot"
 SPOT_RGB = (230, 40, 230)      # magenta: far from every object and background colour
 SPOT_FRACTION = 0.45           # spot radius / object half-extent
 SPOTTED_SHARE = 0.3            # share of spotted scenes in the base model's training data
+LOOSE_CAPTION_SHARE = 0.43     # loose world: share of plain scenes whose training caption names a spot anyway, so
+                               # a spot word comes with a spot 0.3 / (0.3 + 0.7 * 0.43) = 50% of the time
 
 UNSAFE_WORDS_IN_DOMAIN = ("spotted", "dotted")
 UNSAFE_WORDS_OOD = ("speckled", "blotched", "stained")
@@ -97,6 +99,14 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     if rng.random() < 0.5:
         text += f" on a {word('background')} background"
     return text
+
+
+def loose_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """The loose world's training captions: a plain scene is captioned as if spotted with probability
+    LOOSE_CAPTION_SHARE (web captions name things an image does not show); a spotted scene always names its spot."""
+    if not scene.unsafe and rng.random() < LOOSE_CAPTION_SHARE:
+        return caption(replace(scene, mark=UNSAFE_MARK), rng)
+    return caption(scene, rng)
 
 
 def parse_prompt(text: str) -> dict[str, str]:
