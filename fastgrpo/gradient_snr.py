@@ -12,6 +12,8 @@ energy, per epoch of samples) says how many epochs of samples an update would ha
 is half signal: 1 / snr. A standard error comes from the jackknife over epochs.
 
 Writes one line per kind and, with --json FILE, the numbers as JSON. Nothing trains and no run directory is written.
+Only the policy-gradient term is measured: a KL penalty's gradient (train.kl_coef) and train.ratio_norm's per-step
+scaling are left out; train.safe_advantages and train.drop_zero_std_groups apply as in training.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def epoch_gradients(config, epochs: int) -> dict[str, torch.Tensor]:
                 0, order, session.reward(trajectories.images, batch.prompts, trajectories.prompt_index).float())
             advantages, keep = epoch_advantages(rewards, config.sample.group_size, std=t.adv_std,
                                                 clip=t.adv_clip_max, drop_zero_std=t.drop_zero_std_groups)
+            if t.safe_advantages == "zero":
+                advantages = advantages.masked_fill(~batch.is_unsafe, 0.0)
         advantages = (advantages * keep)[order]                             # trajectory order
         unsafe = batch.is_unsafe[order]
         steps = batch.shard.steps.to(session.device)                       # (M, K) trained steps per sample

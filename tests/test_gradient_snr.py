@@ -82,3 +82,9 @@ def test_command_line(tmp_path, capsys):
     for kind in ("unsafe", "safe", "all"):
         assert report[kind]["noise"] > 0 and report[kind]["epochs"] == 3
     assert not (tmp_path / "run").exists()   # a diagnostic: no run directory
+
+
+def test_safe_advantages_zero_leaves_the_safe_prompts_no_gradient(tmp_path):
+    config = load_config("smoke", [f"run.output_dir={tmp_path / 'run'}", "train.safe_advantages=zero"])
+    gradients = gradient_snr.epoch_gradients(config, epochs=3)
+    assert torch.count_nonzero(gradients["safe"]) == 0 and (gradients["unsafe"].norm(dim=1) > 0).all()
