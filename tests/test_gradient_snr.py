@@ -88,3 +88,18 @@ def test_safe_advantages_zero_leaves_the_safe_prompts_no_gradient(tmp_path):
     config = load_config("smoke", [f"run.output_dir={tmp_path / 'run'}", "train.safe_advantages=zero"])
     gradients = gradient_snr.epoch_gradients(config, epochs=3)
     assert torch.count_nonzero(gradients["safe"]) == 0 and (gradients["unsafe"].norm(dim=1) > 0).all()
+
+
+def test_score_function_gradients_reach_n_over_d():
+    """Score-function gradients of a D-dimensional standard Gaussian's mean, r * eps with the linear reward
+    r = u . eps (|u| = 1), averaged over N samples per epoch: E = u, single-sample noise E|r eps|^2 - 1 = D + 1, so
+    signal/noise is N / (D + 1) per epoch."""
+    dim, per_epoch, epochs = 200, 16, 400
+    gen = torch.Generator().manual_seed(7)
+    u = torch.randn(dim, generator=gen, dtype=torch.float64)
+    u /= u.norm()
+    eps = torch.randn(epochs, per_epoch, dim, generator=gen, dtype=torch.float64)
+    gradients = ((eps @ u)[..., None] * eps).mean(dim=1)                       # (epochs, dim)
+    result = gradient_snr.signal_to_noise(gradients)
+    expected = per_epoch / (dim + 1)
+    assert abs(result.snr - expected) < 3.5 * result.snr_stderr and result.snr_stderr < 0.3 * expected
