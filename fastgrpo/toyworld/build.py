@@ -218,6 +218,14 @@ def save_clip(directory: Path, model) -> None:
     save_file(state, str(directory / "toyworld-clip.safetensors"))
 
 
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's posterior for images (N, 3, H, W) in [-1, 1], scaled like the UNet's latents."""
+    dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
+    scale = vae.config.scaling_factor
+    return torch.cat([d.mean for d in dists]) * scale, torch.cat([d.std for d in dists]) * scale
+
+
 def write_prompt_files(directory: Path, toy: ToyWorld = WORLDS[DEFAULT_WORLD]) -> None:
     """The world's prompt sets as .txt files (one prompt per line)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -233,11 +241,7 @@ def build(out: Path, *, seed: int, num_images: int, vae_steps: int, unet_steps: 
     images = _to_tensor(images_u8)
     _log(f"{num_images} renders")
     vae = train_autoencoder(images, steps=vae_steps, seed=seed)
-    with torch.no_grad():
-        dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
-    scale = vae.config.scaling_factor
-    latent_mean = torch.cat([d.mean for d in dists]) * scale
-    latent_std = torch.cat([d.std for d in dists]) * scale
+    latent_mean, latent_std = encode_latents(vae, images)
     tokenizer, text_encoder = build_text_encoder(out / "pipeline" / "tokenizer", seed=seed)
     unet, text_encoder = train_diffusion(latent_mean, latent_std, scenes, tokenizer, text_encoder,
                                          steps=unet_steps, seed=seed, scene_module=scene_module)
@@ -259,11 +263,7 @@ def finetune(out: Path, *, seed: int, num_images: int, unet_steps: int, toy: Toy
     models = load_diffusion_models(f"builtin:{base.name}", device=torch.device("cpu"))
     images_u8, _, scenes = toy.world.dataset(num_images, seed)
     images = _to_tensor(images_u8)
-    with torch.no_grad():
-        dists = [models.vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
-    scale = models.vae.config.scaling_factor
-    latent_mean = torch.cat([d.mean for d in dists]) * scale
-    latent_std = torch.cat([d.std for d in dists]) * scale
+    latent_mean, latent_std = encode_latents(models.vae, images)
     _log(f"{num_images} renders; fine-tuning {base.name}'s UNet and text encoder")
     configure_unet(models.unet, attention="auto", gradient_checkpointing=False)
     unet, text_encoder = train_diffusion(latent_mean, latent_std, scenes, models.tokenizer, models.text_encoder,
