@@ -76,9 +76,11 @@ def epoch_gradients(config, epochs: int) -> dict[str, torch.Tensor]:
     from fastgrpo.grpo import epoch_advantages
     from fastgrpo.train import epoch_batch, prepare
 
+    from fastgrpo.errors import ConfigError
+
+    if config.engine.deepspeed is not None:
+        raise ConfigError("gradient_snr runs in one process: leave engine.deepspeed unset")
     session, _, _ = prepare(config)
-    if session.engine.world_size != 1:
-        raise ValueError("gradient_snr runs in one process")
     unet, t = session.unet, config.train
     params = [p for p in unet.parameters() if p.requires_grad]
     rows: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}

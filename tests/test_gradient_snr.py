@@ -72,6 +72,11 @@ def test_epoch_gradient_is_the_direction_of_the_trainers_first_update(tmp_path):
 def test_command_line(tmp_path, capsys):
     assert gradient_snr.main(["--config", "smoke", "--epochs", "2"]) == 2
     assert "--epochs must be >= 3" in capsys.readouterr().err
+    assert gradient_snr.main(["--config", "smoke", "model.pretrained=/no/such/model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    assert gradient_snr.main(["--config", "smoke", "engine.deepspeed=zero2"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
     out = tmp_path / "snr.json"
     assert gradient_snr.main(["--config", "smoke", "--epochs", "3", "--json", str(out), "sample.prompts_per_epoch=2",
                               f"run.output_dir={tmp_path / 'run'}"]) == 0
