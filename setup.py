@@ -23,8 +23,9 @@ if os.environ.get("FASTGRPO_NO_EXT") != "1":
         arch = os.environ.get("FASTGRPO_CPU_FLAGS", "-march=native").split()
         # -fno-trapping-math lets GCC turn branches on floats (the clamp in the attention's exp) into selects, so
         # those loops vectorise; it changes no result, only the assumption that comparisons may trap.
-        ext_modules = [CppExtension("fastgrpo._C", ["csrc/fastgrpo_cpu.cpp", "csrc/attention_cpu.cpp"],
-                                    depends=["csrc/attention_cpu.h"],
+        ext_modules = [CppExtension("fastgrpo._C", ["csrc/fastgrpo_cpu.cpp", "csrc/attention_cpu.cpp",
+                                                      "csrc/matching_cpu.cpp"],
+                                    depends=["csrc/attention_cpu.h", "csrc/matching_cpu.h"],
                                     extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", *arch],
                                     extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": BuildExtension}

@@ -1,5 +1,6 @@
 // C++ CPU kernels for fastgrpo.ops: sampler-step log-prob (DDIM, flow-matching SDE; CFG folded in), group
-// advantages, clipped-ratio loss; and the bindings of the small-head attention in attention_cpu.cpp.
+// advantages, clipped-ratio loss; and the bindings of the small-head attention (attention_cpu.cpp) and the
+// advantage-weighted matching loss (matching_cpu.cpp).
 //
 // The same math as kernels/fastgrpo_kernels (see the docstrings there). Inputs arrive contiguous in the compute
 // type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first. The per-sample step
@@ -10,6 +11,7 @@
 
 #include <torch/extension.h>
 #include "attention_cpu.h"
+#include "matching_cpu.h"
 #include <torch/csrc/autograd/functions/utils.h>
 #include <ATen/Parallel.h>
 
@@ -458,6 +460,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_advantages", &group_advantages);
   m.def("grpo_loss_forward", &grpo_loss_forward);
   m.def("grpo_loss_backward", &grpo_loss_backward);
+  m.def("matching_loss_forward", &matching_loss_forward);
+  m.def("matching_loss_backward", &matching_loss_backward);
   m.def("attention_forward", &attention_forward);
   m.def("attention_backward", &attention_backward);
 }

@@ -46,13 +46,22 @@ class DataConfig:
 @dataclass
 class SampleConfig:
     num_steps: int = doc("DDIM denoising steps per rollout", 50)
-    eta: float = doc("DDIM stochasticity in (0, 1]; 1 = DDPM-like variance (log-probs need eta > 0)", 1.0)
+    eta: float = doc("DDIM stochasticity in [0, 1]; 1 = DDPM-like variance; 0 = deterministic DDIM (train.objective=awm "
+                     "only: ddpo needs log-probs, so eta > 0)", 1.0)
     guidance_scale: float = doc("Classifier-free guidance scale, used at sampling and in training", 5.0)
     group_size: int = doc("Images per prompt (the GRPO group G)", 16)
     prompts_per_epoch: int = doc("Prompts sampled per epoch (samples per epoch = prompts_per_epoch * group_size)", 8)
     same_noise_per_group: bool = doc("Share the initial noise within a group (step noise stays independent)", False)
     resolution: int | None = doc("Image size in pixels; null = the model's native size", None)
     batch_size: int = doc("Samples per UNet call during rollout (the call is doubled for CFG)", 8)
+    sde_window_size: int = doc("MixGRPO's SDE window: only this many consecutive steps are stochastic (eta) and "
+                               "trained by ddpo, the others deterministic DDIM; a group then shares its initial "
+                               "noise; 0 = every step stochastic", 0)
+    sde_window_start: int = doc("First step of the SDE window ('fixed'), or where 'sliding' starts", 0)
+    sde_window_schedule: str = doc("'fixed', 'random' (start drawn per epoch) or 'sliding' (MixGRPO's progressive "
+                                   "window: one step later every sde_window_shift_every epochs, kept at the end)",
+                                   "fixed", choices=("fixed", "random", "sliding"))
+    sde_window_shift_every: int = doc("Epochs per one-step shift of a 'sliding' SDE window", 10)
 
 
 @dataclass
@@ -78,6 +87,18 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
+    objective: str = doc("'ddpo': the per-step log-prob ratio of the stochastic sampler (the paper's GRPO); 'awm': "
+                         "advantage-weighted matching, a likelihood-free ratio exp(s - s_old) of the denoising "
+                         "surrogate s = -mean((pred - target)^2) on each sample's final latent, noised afresh "
+                         "(train.matching_*; sampler steps are not trained, sample.eta may be 0)", "ddpo",
+                         choices=("ddpo", "awm"))
+    matching_draws: int = doc("awm: (timestep, noise) draws per sample, each a trained row", 4)
+    matching_timesteps: str = doc("awm: timestep distribution of the draws: 'uniform' over the training timesteps, "
+                                  "'stratified' (one draw per 1/K of them), or 'sampler' (distinct steps of the "
+                                  "sampler's own schedule)", "uniform", choices=("uniform", "stratified", "sampler"))
+    matching_prediction: str = doc("awm: the prediction the surrogate scores: 'conditional' (one UNet call) or "
+                                   "'guided' (classifier-free guidance at sample.guidance_scale, as sampled)",
+                                   "conditional", choices=("conditional", "guided"))
     learning_rate: float = doc("AdamW peak learning rate", 1e-5)
     adam_beta1: float = doc("AdamW beta1", 0.9)
     adam_beta2: float = doc("AdamW beta2", 0.999)
@@ -101,7 +122,8 @@ class TrainConfig:
                                       "= its end) the trained steps are drawn from; [0, 1] = every step, [0, 0.5] "
                                       "= the noisy half (layout, colour), [0.6, 1] = the last steps (fine detail)",
                                       [0.0, 1.0])
-    kl_coef: float = doc("Weight of the KL-to-reference (base model) penalty; 0 = off", 0.0)
+    kl_coef: float = doc("Weight of the KL-to-reference (base model) penalty; 0 = off (awm: mean((pred - pred_ref)^2)"
+                         ", the squared distance of the predictions)", 0.0)
     kl_estimator: str = doc("'mean': closed-form KL of each trained step's Gaussian from the reference's, "
                             "(mean - mean_ref)^2 / (2 std^2) over latent elements (no sampling noise); 'sample': "
                             "k3 estimate from both models' log-probs of the stored x_{t-1}", "mean",
@@ -335,13 +357,38 @@ def validate_world_size(config: Config, world_size: int) -> None:
              f"({per_step}), itself a multiple of ranks x train.batch_size ({world_size} x {batch})")
 
 
+def _validate_window(s: SampleConfig, t: TrainConfig) -> None:
+    if s.sde_window_size == 0:
+        return
+    _require(0 < s.sde_window_size <= s.num_steps,
+             f"sample.sde_window_size must be in [0, sample.num_steps={s.num_steps}], got {s.sde_window_size}")
+    _require(0 <= s.sde_window_start <= s.num_steps - s.sde_window_size,
+             f"sample.sde_window_start must be in [0, {s.num_steps - s.sde_window_size}] (the window of "
+             f"{s.sde_window_size} steps inside the {s.num_steps}-step schedule), got {s.sde_window_start}")
+    _require(s.sde_window_shift_every >= 1, f"sample.sde_window_shift_every must be >= 1, got {s.sde_window_shift_every}")
+    _require(s.eta > 0, "sample.sde_window_size needs sample.eta > 0 (the window's steps are stochastic)")
+    _require(t.timestep_range == [0.0, 1.0], "sample.sde_window_size replaces train.timestep_range (ddpo trains "
+             "the window's steps): leave train.timestep_range at [0, 1]")
+
+
 def validate(config: Config) -> None:
     """Reject impossible values with a one-line ConfigError."""
     for name in ("model", "data", "sample", "reward", "train", "lora", "engine", "run"):
         _check_choices(getattr(config, name), name)
     s, t, r, run, d = config.sample, config.train, config.reward, config.run, config.data
     _require(s.group_size >= 2, f"sample.group_size must be >= 2 (group advantages need 2+ samples), got {s.group_size}")
-    _require(0 < s.eta <= 1, f"sample.eta must be in (0, 1] (eta = 0 is deterministic: no log-probs), got {s.eta}")
+    _require(0 <= s.eta <= 1, f"sample.eta must be in [0, 1], got {s.eta}")
+    _require(s.eta > 0 or t.objective != "ddpo",
+             "sample.eta=0 is deterministic (no log-probs): train.objective=ddpo needs eta > 0 (or use awm)")
+    _validate_window(s, t)
+    _require(t.matching_draws >= 1, f"train.matching_draws must be >= 1, got {t.matching_draws}")
+    _require(t.objective == "ddpo" or not (t.ratio_norm or t.kl_estimator == "sample" or t.kl_prompts != "all"
+                                           or t.timestep_fraction != 1.0 or t.timestep_range != [0.0, 1.0]),
+             f"train.objective={t.objective} trains its own (timestep, noise) draws: train.ratio_norm, "
+             "kl_estimator=sample, kl_prompts, timestep_fraction and timestep_range apply to ddpo only")
+    _require(t.matching_timesteps != "sampler" or t.matching_draws <= s.num_steps,
+             f"train.matching_timesteps=sampler draws distinct steps: train.matching_draws ({t.matching_draws}) "
+             f"must be <= sample.num_steps ({s.num_steps})")
     _require(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")
     _require(s.prompts_per_epoch >= 1, f"sample.prompts_per_epoch must be >= 1, got {s.prompts_per_epoch}")
     _require(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")

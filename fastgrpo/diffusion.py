@@ -103,20 +103,44 @@ def draw_noise(seed: int, epoch: int, sample_ids: torch.Tensor, group_ids: torch
     return noise
 
 
+def ddim_deterministic_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, *, uncond_output=None,
+                            guidance_scale: float = 1.0, prediction_type: str = "epsilon") -> torch.Tensor:
+    """One DDIM step at eta = 0 (no noise, no log-prob): mean = coef_x * x_t + coef_e * guided, the step table's first
+    two columns at eta = 0, in fp32. Tensors (B, C, H, W), alphas (B,). Equals diffusers' `DDIMScheduler.step(...,
+    eta=0)`."""
+    table = ops.reference.ddim_coefficients(alpha_prod_t.double(), alpha_prod_t_prev.double(), eta=0.0,
+                                            prediction_type=prediction_type).float()
+    guided = ops.reference.guided_output(model_output.float(), None if uncond_output is None else
+                                         uncond_output.float(), guidance_scale)
+    return table[:, 0].view(-1, 1, 1, 1) * sample.float() + table[:, 1].view(-1, 1, 1, 1) * guided
+
+
 @torch.no_grad()
-def denoise(unet, schedule: DDIMSchedule, noise, cond_embeds, uncond_embeds, guidance: Guidance):
-    """Run the S stochastic DDIM steps for one batch. noise (B, S + 1, C, H, W); embeds (B, L, D).
+def denoise(unet, schedule: DDIMSchedule, noise, cond_embeds, uncond_embeds, guidance: Guidance,
+            stochastic: tuple[bool, ...] | None = None):
+    """Run the S DDIM steps for one batch. noise (B, S + 1, C, H, W); embeds (B, L, D). stochastic: which steps
+    draw noise (eta = guidance.eta) and have a log-prob; the others are deterministic DDIM (eta = 0) with log-prob 0.
+    None: every step is stochastic when guidance.eta > 0, none when it is 0.
     Returns latents (B, S + 1, C, H, W) and log_probs (B, S), fp32."""
     batch = noise.shape[0]
+    if stochastic is None:
+        stochastic = (guidance.eta > 0,) * schedule.num_steps
     latents = noise[:, 0]
     all_latents, all_log_probs = [latents], []
     for step in range(schedule.num_steps):
         timesteps = schedule.timesteps[step].expand(batch)
         cond, uncond = unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance)
-        latents, log_prob = ops.ddim_step(
-            cond, latents, schedule.alpha_prod_t[step].expand(batch), schedule.alpha_prod_t_prev[step].expand(batch),
-            noise[:, step + 1], eta=guidance.eta, uncond_output=uncond, guidance_scale=guidance.guidance_scale,
-            prediction_type=guidance.prediction_type, backend=guidance.backend)
+        alpha_t, alpha_prev = schedule.alpha_prod_t[step].expand(batch), schedule.alpha_prod_t_prev[step].expand(batch)
+        if stochastic[step]:
+            latents, log_prob = ops.ddim_step(
+                cond, latents, alpha_t, alpha_prev, noise[:, step + 1], eta=guidance.eta, uncond_output=uncond,
+                guidance_scale=guidance.guidance_scale, prediction_type=guidance.prediction_type,
+                backend=guidance.backend)
+        else:
+            latents = ddim_deterministic_step(cond, latents, alpha_t, alpha_prev, uncond_output=uncond,
+                                              guidance_scale=guidance.guidance_scale,
+                                              prediction_type=guidance.prediction_type)
+            log_prob = torch.zeros(batch, device=latents.device)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     return torch.stack(all_latents, dim=1), torch.stack(all_log_probs, dim=1)
@@ -140,21 +164,27 @@ class RolloutSettings:
 
 
 def sample_trajectories(unet, vae, schedule: DDIMSchedule, prompt_embeds, uncond_embed, sample_prompt, sample_ids,
-                        guidance: Guidance, settings: RolloutSettings, epoch: int) -> Trajectories:
+                        guidance: Guidance, settings: RolloutSettings, epoch: int,
+                        stochastic: tuple[bool, ...] | None = None) -> Trajectories:
     """Sample trajectories for the given samples in batches of settings.batch_size.
 
     prompt_embeds (U, L, D): one row per unique prompt; uncond_embed (1, L, D); sample_prompt (N,) long: each
     sample's row of prompt_embeds; sample_ids (N,) long, on the CPU: global sample ids (group = id // group_size),
-    which key each sample's noise.
+    which key each sample's noise. stochastic: the steps that draw noise (see `denoise`); when some step is
+    deterministic and some not (an SDE window), a group shares its initial noise, so its samples differ only by the
+    window's noise.
     """
     device = prompt_embeds.device
+    window = stochastic is not None and any(stochastic) and not all(stochastic)
     latents, log_probs, images, noises = [], [], [], []
     for start in range(0, sample_ids.shape[0], settings.batch_size):
         ids = sample_ids[start:start + settings.batch_size]
         noise = draw_noise(settings.seed, epoch, ids, ids // settings.group_size, schedule.num_steps,
-                           settings.latent_shape, same_noise_per_group=settings.same_noise_per_group, device=device)
+                           settings.latent_shape, device=device,
+                           same_noise_per_group=settings.same_noise_per_group or window)
         cond = prompt_embeds[sample_prompt[start:start + settings.batch_size]]
-        batch_latents, batch_log_probs = denoise(unet, schedule, noise, cond, uncond_embed.expand_as(cond), guidance)
+        batch_latents, batch_log_probs = denoise(unet, schedule, noise, cond, uncond_embed.expand_as(cond), guidance,
+                                                 stochastic)
         latents.append(batch_latents)
         log_probs.append(batch_log_probs)
         images.append(decode_latents(vae, batch_latents[:, -1]))
@@ -213,3 +243,30 @@ def recompute_log_probs(unet, trajectories: Trajectories, prompt_embeds, uncond_
                                               uncond_output=ref_uncond, **step)
     kl = ref_at_mean - ops.ddim_logprob(cond, latents, ref_mean, alpha_t, alpha_prev, uncond_output=uncond, **step)
     return log_probs, kl, *norm
+
+
+@dataclass(frozen=True)
+class SdeWindow:
+    """MixGRPO's SDE window: only `size` consecutive steps are stochastic (and trained); the rest are deterministic.
+
+    schedule 'fixed': steps [start, start + size); 'random': the start drawn per epoch (uniform over the positions
+    that fit); 'sliding': MixGRPO's progressive window, from `start` one step later every `shift_every` epochs, kept
+    at the last position once it reaches the end of the trajectory."""
+
+    size: int
+    start: int = 0
+    schedule: str = "fixed"
+    shift_every: int = 10
+
+    def first_step(self, epoch: int, num_steps: int, seed: int) -> int:
+        last = num_steps - self.size
+        if self.schedule == "fixed":
+            return self.start
+        if self.schedule == "random":
+            return int(torch.randint(last + 1, (1,), generator=generator(seed, "sde-window", epoch)))
+        return min(last, self.start + epoch // self.shift_every)
+
+    def steps(self, epoch: int, num_steps: int, seed: int) -> tuple[bool, ...]:
+        """(S,) which steps are stochastic in this epoch."""
+        first = self.first_step(epoch, num_steps, seed)
+        return tuple(first <= step < first + self.size for step in range(num_steps))

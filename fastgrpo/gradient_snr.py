@@ -1,10 +1,11 @@
 """How much of a GRPO update is signal: `python -m fastgrpo.gradient_snr [--config ...] [--epochs R] [key=value ...]`.
 
-Samples R independent epochs of the configured run from its *initial* model with the trainer's own code (prompt mix,
-rollout, reward, group advantages, the trained steps of the update plan) and computes each epoch's policy gradient on
-the trainable parameters at the on-policy point, where the clipped loss's gradient is that of
--mean(A * log p) over the planned (sample, step) pairs. It does this separately for the safe and the unsafe
-prompts' samples (and their sum, the epoch's update direction).
+Samples R independent epochs of the configured run from its *initial* model with the trainer's own epoch code
+(`fastgrpo.epoch.collect_epoch`: prompt mix, rollout, reward, group advantages, the update plan) and computes each
+epoch's policy gradient on the trainable parameters with the run's objective (`train.objective`) at the on-policy
+point (ratio 1), where the clipped loss's gradient is that of -mean(A * log p) over the planned (sample, step) pairs
+for ddpo and -mean(A * s) over the (sample, draw) pairs for awm's surrogate s. It does this separately for the safe
+and the unsafe prompts' samples (and their sum, the epoch's update direction).
 
 Each epoch's gradient g_i = mu + noise_i. The part every epoch shares, |mu|^2, is estimated without bias by the
 mean of g_i . g_j over pairs i != j; the rest of E|g_i|^2 is the noise. Their ratio (`snr`, signal over noise
@@ -12,8 +13,8 @@ energy, per epoch of samples) says how many epochs of samples an update would ha
 is half signal: 1 / snr. A standard error comes from the jackknife over epochs.
 
 Writes one line per kind and, with --json FILE, the numbers as JSON. Nothing trains and no run directory is written.
-Only the policy-gradient term is measured: a KL penalty's gradient (train.kl_coef) and train.ratio_norm's per-step
-scaling are left out; train.safe_advantages and train.drop_zero_std_groups apply as in training.
+The loss is the objective's own, so train.ratio_norm's scaling, the SDE window and train.safe_advantages and
+train.drop_zero_std_groups apply as in training; a KL penalty's gradient is zero at the initial model.
 """
 
 from __future__ import annotations
@@ -72,11 +73,10 @@ def signal_to_noise(gradients: torch.Tensor) -> SignalToNoise:
 
 def epoch_gradients(config, epochs: int) -> dict[str, torch.Tensor]:
     """{kind: (epochs, P)} policy gradients of `epochs` independent epochs of `config`'s run at its initial model."""
-    from fastgrpo.diffusion import recompute_log_probs, sample_trajectories
-    from fastgrpo.grpo import epoch_advantages
-    from fastgrpo.train import epoch_batch, prepare
-
+    from fastgrpo.epoch import collect_epoch
     from fastgrpo.errors import ConfigError
+    from fastgrpo.grpo import UpdatePlan, micro_batches
+    from fastgrpo.train import prepare
 
     if config.engine.deepspeed is not None:
         raise ConfigError("gradient_snr runs in one process: leave engine.deepspeed unset")
@@ -85,36 +85,22 @@ def epoch_gradients(config, epochs: int) -> dict[str, torch.Tensor]:
     params = [p for p in unet.parameters() if p.requires_grad]
     rows: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
     for epoch in range(epochs):
-        batch = epoch_batch(session, epoch)
-        order = batch.shard.order.to(session.device)                        # global ids, in plan order
-        unet.eval()
         with torch.no_grad():
-            trajectories = sample_trajectories(unet, session.models.vae, session.schedule, batch.prompt_embeds,
-                                               session.uncond_embed, batch.sample_prompt[order], batch.shard.order,
-                                               session.guidance, session.rollout, epoch)
-            rewards = torch.empty_like(batch.is_unsafe, dtype=torch.float32).index_copy_(
-                0, order, session.reward(trajectories.images, batch.prompts, trajectories.prompt_index).float())
-            advantages, keep = epoch_advantages(rewards, config.sample.group_size, std=t.adv_std,
-                                                clip=t.adv_clip_max, drop_zero_std=t.drop_zero_std_groups)
-            if t.safe_advantages == "zero":
-                advantages = advantages.masked_fill(~batch.is_unsafe, 0.0)
-        advantages = (advantages * keep)[order]                             # trajectory order
-        unsafe = batch.is_unsafe[order]
-        steps = batch.shard.steps.to(session.device)                       # (M, K) trained steps per sample
-        count = steps.numel()
+            samples = collect_epoch(session, epoch)
+        advantages = samples.rows(samples.advantages * samples.keep)               # (M,) by trajectory row
+        unsafe = samples.rows(samples.batch.is_unsafe)
+        shard = samples.batch.shard
+        plan = UpdatePlan(torch.arange(shard.order.shape[0], device=session.device), shard.steps.to(session.device))
+        batches = next(micro_batches(plan, batch_size=t.batch_size, samples_per_step=plan.order.shape[0]))
         unet.train()
         per_kind = {}
         for kind, mask in (("unsafe", unsafe), ("safe", ~unsafe)):
             for p in params:
                 p.grad = None
-            for start in range(0, steps.shape[0], t.batch_size):
-                samples = torch.arange(start, min(start + t.batch_size, steps.shape[0]), device=session.device)
-                flat_samples = samples.repeat_interleave(steps.shape[1])
-                flat_steps = steps[samples].flatten()
-                log_probs = recompute_log_probs(unet, trajectories, batch.prompt_embeds, session.uncond_embed,
-                                                session.schedule, session.guidance, flat_samples, flat_steps)[0]
-                weight = (advantages * mask)[flat_samples]
-                (-(weight * log_probs).sum() / count).backward()
+            loss_fn = session.objective.loss_fn(session, samples, advantages * mask)   # on-policy: ratio 1
+            for batch_rows, k in batches:  # the mean over every (sample, unit) pair, as one optimiser step takes it
+                loss, _ = loss_fn(plan.order[batch_rows], plan.steps[batch_rows, k])
+                (loss / len(batches)).backward()
             per_kind[kind] = torch.cat([p.grad.flatten().double() for p in params])
         for kind in ("unsafe", "safe"):
             rows[kind].append(per_kind[kind])

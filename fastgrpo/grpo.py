@@ -57,13 +57,20 @@ class UpdatePlan:
 
 
 def plan_update(samples: torch.Tensor, num_steps: int, timestep_fraction: float, gen: torch.Generator,
-                timestep_range: tuple[float, float] = (0.0, 1.0)) -> UpdatePlan:
+                timestep_range: tuple[float, float] = (0.0, 1.0),
+                step_window: tuple[int, int] | None = None) -> UpdatePlan:
     """Shuffle the samples and give each its own random subset of round(S * fraction) steps, drawn from steps
     [round(S * start), round(S * end)) of the trajectory ((0, 1): every step eligible), widened at the end if that
-    holds fewer steps than are trained."""
-    num_trained = max(1, round(num_steps * timestep_fraction))
-    first = min(round(num_steps * timestep_range[0]), num_steps - num_trained)
-    last = max(round(num_steps * timestep_range[1]), first + num_trained)
+    holds fewer steps than are trained. step_window (first, size): the steps [first, first + size) instead, of which
+    round(size * fraction) are trained (an SDE window)."""
+    if step_window is not None:
+        first, size = step_window
+        num_trained = max(1, round(size * timestep_fraction))
+        last = first + size
+    else:
+        num_trained = max(1, round(num_steps * timestep_fraction))
+        first = min(round(num_steps * timestep_range[0]), num_steps - num_trained)
+        last = max(round(num_steps * timestep_range[1]), first + num_trained)
     order = samples[torch.randperm(samples.shape[0], generator=gen)]
     steps = first + torch.rand(samples.shape[0], last - first, generator=gen).argsort(dim=1)[:, :num_trained]
     return UpdatePlan(order, steps)
@@ -113,48 +120,67 @@ class StepStats:
         return values
 
 
-def policy_update(engine, policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None, old_log_probs: torch.Tensor,
-                  advantages: torch.Tensor, plan: UpdatePlan, *, batch_size: int, samples_per_step: int,
-                  loss: LossSettings) -> Iterator[dict[str, float]]:
+# (samples (B,), units (B,)) -> (loss, stats): one micro-batch's loss on these rows of the epoch (a unit is a trained
+# sampler step for ddpo, a (timestep, noise) draw for awm); stats hold detached 0-dim tensors incl. ratio_min/max
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def ddpo_loss_fn(policy_fn: PolicyFn, ref_log_prob_fn: LogProbFn | None, old_log_probs: torch.Tensor,
+                 advantages: torch.Tensor, loss: LossSettings) -> LossFn:
+    """DDPO's clipped per-step log-prob ratio. The KL penalty (loss.kl_coef) uses the closed-form KL that policy_fn
+    returns when it returns one, else the k3 estimate from ref_log_prob_fn's log-probs of the stored samples.
+    old_log_probs (M, S), advantages (M,)."""
+
+    def loss_fn(samples, steps):
+        log_probs, kl, *norm = policy_fn(samples, steps)
+        ref_log_probs = None
+        if kl is None and ref_log_prob_fn is not None and loss.kl_coef > 0:
+            with torch.no_grad():
+                ref_log_probs = ref_log_prob_fn(samples, steps)
+        value, loss_stats = ops.grpo_loss(
+            log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
+            clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend,
+            clip_range_high=loss.clip_range_high, ratio_bias=norm[0] if norm else None,
+            ratio_scale=norm[1] if norm else None)
+        if kl is not None:
+            value = value + loss.kl_coef * kl.mean()
+            loss_stats = {**loss_stats, "kl": kl.detach().mean()}
+        return value, loss_stats
+
+    return loss_fn
+
+
+def micro_batches(plan: UpdatePlan, *, batch_size: int, samples_per_step: int):
+    """Per optimiser step, its micro-batches [(rows of the plan, unit column k)]: `samples_per_step` samples x K
+    units, `batch_size` samples at one unit each."""
+    num_samples, num_units = plan.steps.shape
+    for step_start in range(0, num_samples, samples_per_step):
+        step_end = min(num_samples, step_start + samples_per_step)
+        yield [(slice(b, min(b + batch_size, step_end)), k)
+               for b in range(step_start, step_end, batch_size) for k in range(num_units)]
+
+
+def policy_update(engine, loss_fn: LossFn, plan: UpdatePlan, *, batch_size: int, samples_per_step: int,
+                  skip_nonfinite: bool = False) -> Iterator[dict[str, float]]:
     """Clipped-ratio updates over the plan; yields each optimiser step's statistics (with `grad_norm` and
     the `lr` the step used).
 
-    One optimiser step covers `samples_per_step` samples x K trained steps: micro-batches of `batch_size` samples
-    at one trained step each, their losses averaged by gradient accumulation. The KL penalty (loss.kl_coef) uses
-    the closed-form KL that policy_fn returns when it returns one, else the k3 estimate from ref_log_prob_fn's
-    log-probs of the stored samples.
-    old_log_probs (N, S), advantages (N,).
+    One optimiser step covers `samples_per_step` samples x K units (see `micro_batches`), their losses averaged by
+    gradient accumulation.
     """
-    num_samples, num_trained = plan.steps.shape
-    for step_start in range(0, num_samples, samples_per_step):
-        step_end = min(num_samples, step_start + samples_per_step)
-        micro_batches = [(slice(b, min(b + batch_size, step_end)), k)
-                         for b in range(step_start, step_end, batch_size) for k in range(num_trained)]
+    for batches in micro_batches(plan, batch_size=batch_size, samples_per_step=samples_per_step):
         stats = StepStats()
-        for rows, k in micro_batches:
-            samples, steps = plan.order[rows], plan.steps[rows, k]                        # (B,), (B,)
-            log_probs, kl, *norm = policy_fn(samples, steps)
-            ref_log_probs = None
-            if kl is None and ref_log_prob_fn is not None and loss.kl_coef > 0:
-                with torch.no_grad():
-                    ref_log_probs = ref_log_prob_fn(samples, steps)
-            value, loss_stats = ops.grpo_loss(
-                log_probs, old_log_probs[samples, steps].to(log_probs.device), advantages[samples].to(log_probs.device),
-                clip_range=loss.clip_range, ref_log_probs=ref_log_probs, kl_coef=loss.kl_coef, backend=loss.backend,
-                clip_range_high=loss.clip_range_high, ratio_bias=norm[0] if norm else None,
-                ratio_scale=norm[1] if norm else None)
-            if kl is not None:
-                value = value + loss.kl_coef * kl.mean()
-                loss_stats = {**loss_stats, "kl": kl.detach().mean()}
-            engine.backward(value / len(micro_batches), is_last=(rows, k) == micro_batches[-1])
+        for rows, k in batches:
+            value, loss_stats = loss_fn(plan.order[rows], plan.steps[rows, k])
+            engine.backward(value / len(batches), is_last=(rows, k) == batches[-1])
             stats.add(value, loss_stats)
         reduced, learning_rate = engine.reduce_stats(stats.result()), engine.learning_rate  # same on every rank
         if not math.isfinite(reduced["loss"]):
-            if not loss.skip_nonfinite:
+            if not skip_nonfinite:
                 raise NonFiniteError(f"loss is {reduced['loss']}; the step was not applied")
             engine.skip_step()
             yield {**reduced, "grad_norm": float("nan"), "lr": learning_rate, "skipped": True}
             continue
-        grad_norm = float(engine.step(skip_nonfinite=loss.skip_nonfinite))
+        grad_norm = float(engine.step(skip_nonfinite=skip_nonfinite))
         yield {**reduced, "grad_norm": grad_norm, "lr": learning_rate, **({} if math.isfinite(grad_norm) else
                                                                           {"skipped": True})}

@@ -11,7 +11,6 @@ if __name__ == "__main__" and not __package__:  # script path: make `fastgrpo` i
     import sys
     sys.path[0] = str(pathlib.Path(__file__).resolve().parent.parent)
 
-import contextlib
 import copy
 import os
 import time
@@ -26,12 +25,13 @@ from fastgrpo.checkpoint import (check_deepspeed_state, find_checkpoint, list_ch
                                  read_trainer_state, save_checkpoint, save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
-from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
+from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, SdeWindow
 from fastgrpo.engine import SingleProcessEngine
+from fastgrpo.epoch import EpochSamples, _sync, collect_epoch, gather_rewards  # noqa: F401 (gather_rewards: API)
 from fastgrpo.errors import NonFiniteError, TrainingInterrupted
-from fastgrpo.lora import adapters_disabled, add_lora, has_lora, load_lora, save_lora
-from fastgrpo.grpo import (LossSettings, UpdatePlan, epoch_advantages, group_kind_stats, plan_update, policy_update,
-                           shard_plan)
+from fastgrpo.lora import add_lora, load_lora, save_lora
+from fastgrpo.grpo import UpdatePlan, group_kind_stats, policy_update
+from fastgrpo.objectives import build_objective
 from fastgrpo.metrics import MetricsWriter, save_image_grid
 from fastgrpo.models import (DiffusionModels, configure_unet, encode_prompts, load_diffusion_models,
                              note_truncated_prompts, select_trainable)
@@ -57,6 +57,8 @@ class Session:
     rollout: RolloutSettings
     uncond_embed: torch.Tensor  # (1, L, D)
     output_dir: Path
+    objective: object              # fastgrpo.objectives: what the rollout keeps and how a micro-batch's loss is made
+    window: SdeWindow | None       # sample.sde_window_*: the steps that are stochastic (None: every step)
     judge: Callable | None = None  # (images, prompts, is_unsafe) -> judged rates, for toy-world runs
 
     @property
@@ -88,9 +90,8 @@ def _build_engine(config: Config, unet: torch.nn.Module, world_size: int, device
         return SingleProcessEngine(unet, config.train)
     from fastgrpo.engine_deepspeed import DeepSpeedEngine, read_deepspeed_config
 
-    t, s = config.train, config.sample
-    trained_steps = max(1, round(s.num_steps * t.timestep_fraction))
-    micro_batches = max(1, t.samples_per_step // world_size // t.batch_size) * trained_steps
+    t = config.train
+    micro_batches = max(1, t.samples_per_step // world_size // t.batch_size) * build_objective(config).units_per_sample
     ds_config = read_deepspeed_config(config.engine.deepspeed, config.engine.mixed_precision)
     return DeepSpeedEngine(unet, t, ds_config, micro_batches, device)
 
@@ -148,7 +149,10 @@ def prepare(config: Config) -> tuple[Session, int, int]:
                           autocast),
         rollout=RolloutSettings(models.latent_shape(sample.resolution), sample.group_size, sample.batch_size,
                                 sample.same_noise_per_group, run.seed, keep_noise=config.train.ratio_norm),
-        uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, judge=_toyworld_judge(config))
+        uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, objective=build_objective(config),
+        window=SdeWindow(sample.sde_window_size, sample.sde_window_start, sample.sde_window_schedule,
+                         sample.sde_window_shift_every) if sample.sde_window_size else None,
+        judge=_toyworld_judge(config))
     return session, start_epoch, global_step
 
 
@@ -163,88 +167,23 @@ def _toyworld_judge(config: Config):
     return EpochJudge(toy)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class EpochBatch:
-    """One epoch's samples as this rank sees them."""
-
-    prompts: list[str]              # unique prompt texts of the epoch (all ranks)
-    prompt_embeds: torch.Tensor     # (U, L, D)
-    sample_prompt: torch.Tensor     # (N,) global: row of prompt_embeds for each global sample
-    is_unsafe: torch.Tensor         # (N,) global
-    shard: UpdatePlan               # this rank's samples (global ids, in plan order) and their trained steps
-
-
-def epoch_batch(s: Session, epoch: int) -> EpochBatch:
-    """The epoch's prompts and the global update plan, and this rank's share of it (see grpo.shard_plan)."""
-    group, t = s.config.sample.group_size, s.config.train
-    batch = s.mixer.epoch(epoch)
-    unique = list(dict.fromkeys(batch.prompts))
-    row = {prompt: i for i, prompt in enumerate(unique)}
-    sample_prompt = torch.tensor([row[p] for p in batch.prompts]).repeat_interleave(group)      # (N,)
-    plan = plan_update(torch.arange(sample_prompt.shape[0]), s.schedule.num_steps, t.timestep_fraction,
-                       generator(s.config.run.seed, "plan", epoch, 0), tuple(t.timestep_range))
-    shard = shard_plan(plan, s.engine.rank, s.engine.world_size, t.samples_per_step)
-    return EpochBatch(unique, encode_prompts(s.models, unique), sample_prompt.to(s.device),
-                      batch.is_unsafe.repeat_interleave(group).to(s.device), shard)
-
-
-def gather_rewards(s: Session, sample_ids: torch.Tensor, rewards: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """(N,) rewards of every rank's samples, indexed by global sample id."""
-    ids = s.engine.all_gather(sample_ids.to(s.device)).flatten()
-    values = s.engine.all_gather(rewards).flatten()
-    return torch.empty(num_samples, dtype=values.dtype, device=s.device).index_copy_(0, ids, values)
-
-
-def update_epoch(s: Session, epoch: int, trajectories, batch: EpochBatch, advantages, keep):
-    """The inner epochs of clipped-ratio updates on this rank's samples; yields each optimiser step's statistics.
-
-    advantages, keep: (M,) for this rank's samples (trajectory order)."""
-    t = s.config.train
+def update_epoch(s: Session, samples: EpochSamples):
+    """The inner epochs of clipped-ratio updates on this rank's samples; yields each optimiser step's statistics."""
+    t, epoch = s.config.train, samples.epoch
     s.unet.train()
-
-    def log_probs_under(unet, reference=None, ratio_norm=False):
-        return lambda samples, steps: recompute_log_probs(unet, trajectories, batch.prompt_embeds, s.uncond_embed,
-                                                          s.schedule, s.guidance, samples, steps, reference=reference,
-                                                          ratio_norm=ratio_norm)
-
-    reference = None   # factory of a context yielding the KL reference: the base UNet
-    if s.ref_unet is not None:
-        reference = lambda: contextlib.nullcontext(s.ref_unet)  # noqa: E731
-    elif has_lora(s.unet) and t.kl_coef > 0:
-        reference = lambda: adapters_disabled(s.unet)  # noqa: E731
-    policy_fn, ref_fn = log_probs_under(s.unet, ratio_norm=t.ratio_norm), None
-    if reference is not None and t.kl_estimator == "mean":
-        policy_fn = log_probs_under(s.unet, reference, ratio_norm=t.ratio_norm)
-        if t.kl_prompts == "safe":  # the KL of unsafe prompts' samples is zeroed (and so is its gradient)
-            # `samples` are rows of this rank's trajectories, which are in shard order: read the mask that way
-            weight, full_fn = (~batch.is_unsafe[batch.shard.order.to(batch.is_unsafe.device)]).float(), policy_fn
-
-            def policy_fn(samples, steps):
-                log_probs, kl, *norm = full_fn(samples, steps)
-                return log_probs, kl * weight[samples], *norm
-    elif reference is not None:
-        def ref_fn(samples, steps):
-            with reference() as ref_unet:
-                return log_probs_under(ref_unet)(samples, steps)[0]
-    kept = torch.nonzero(keep.cpu()).squeeze(1)
+    kept = torch.nonzero(samples.rows(samples.keep).cpu()).squeeze(1)
+    first = UpdatePlan(kept, samples.batch.shard.steps[kept])  # the global plan: the same samples and units per
+    first.order, first.steps = first.order.to(s.device), first.steps.to(s.device)  # optimiser step at any world size
+    loss_fn = s.objective.loss_fn(s, samples, samples.rows(samples.advantages), first)
     for inner in range(t.num_inner_epochs):
-        if inner == 0:  # the global plan: the same samples and steps per optimiser step at any world size
-            plan = UpdatePlan(kept, batch.shard.steps[kept])
-        else:
-            plan = plan_update(kept, s.schedule.num_steps, t.timestep_fraction,
-                               generator(s.config.run.seed, "plan", epoch, inner, s.engine.rank),
-                               tuple(t.timestep_range))
-        plan.order, plan.steps = plan.order.to(s.device), plan.steps.to(s.device)
-        yield from policy_update(s.engine, policy_fn, ref_fn, trajectories.log_probs, advantages, plan,
-                                 batch_size=t.batch_size, samples_per_step=t.samples_per_step // s.engine.world_size,
-                                 loss=LossSettings(t.clip_range, t.kl_coef, t.ops_backend,
-                                                   skip_nonfinite=t.on_nonfinite == "skip",
-                                                   clip_range_high=t.clip_range_high))
+        plan = first
+        if inner > 0:
+            plan = s.objective.plan(kept, generator(s.config.run.seed, "plan", epoch, inner, s.engine.rank),
+                                    samples.batch.window)
+            plan.order, plan.steps = plan.order.to(s.device), plan.steps.to(s.device)
+        yield from policy_update(s.engine, loss_fn, plan, batch_size=t.batch_size,
+                                 samples_per_step=t.samples_per_step // s.engine.world_size,
+                                 skip_nonfinite=t.on_nonfinite == "skip")
 
 
 def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> float | None:
@@ -253,44 +192,26 @@ def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> float | None:
 
 def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, int]:
     """One epoch end to end; writes its step lines, returns (epoch record, global step)."""
-    t0 = time.perf_counter()
-    batch = epoch_batch(s, epoch)
-    sample_ids = batch.shard.order.to(s.device)                                               # (M,) global ids
-    s.unet.eval()
-    trajectories = sample_trajectories(s.unet, s.models.vae, s.schedule, batch.prompt_embeds, s.uncond_embed,
-                                       batch.sample_prompt[sample_ids], batch.shard.order, s.guidance, s.rollout,
-                                       epoch)
-    _sync(s.device)
-    t1 = time.perf_counter()
-    local_rewards = s.reward(trajectories.images, batch.prompts, trajectories.prompt_index)
-    rewards = gather_rewards(s, sample_ids, local_rewards, batch.sample_prompt.shape[0])        # (N,)
-    if not bool(torch.isfinite(rewards).all()):
-        raise NonFiniteError(f"{int((~torch.isfinite(rewards)).sum())} of {rewards.shape[0]} rewards are not finite "
-                             "(check the reward model and the images)")
-    _sync(s.device)
+    samples = collect_epoch(s, epoch)
     t2 = time.perf_counter()
-    t = s.config.train
-    advantages, keep = epoch_advantages(rewards, s.config.sample.group_size, std=t.adv_std, clip=t.adv_clip_max,
-                                        drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
-    if t.safe_advantages == "zero":  # safe groups carry no safety signal: only the KL penalty (if any) moves them
-        advantages = advantages.masked_fill(~batch.is_unsafe, 0.0)
-    for stats in update_epoch(s, epoch, trajectories, batch, advantages[sample_ids], keep[sample_ids]):
+    for stats in update_epoch(s, samples):
         global_step += 1
         writer.log({"epoch": epoch, "step": global_step, **stats}, kind="train")
     _sync(s.device)
     t3 = time.perf_counter()
+    rewards, advantages, is_unsafe = samples.rewards, samples.advantages, samples.batch.is_unsafe
     record = {"epoch": epoch, "step": global_step, "reward_mean": float(rewards.mean()),
-              "reward_std": float(rewards.std()), "reward_mean_safe": _mean_where(rewards, ~batch.is_unsafe),
-              "reward_mean_unsafe": _mean_where(rewards, batch.is_unsafe), "num_samples": int(rewards.shape[0]),
-              "num_trained_samples": int(keep.sum()), "rollout_s": t1 - t0, "reward_s": t2 - t1, "train_s": t3 - t2,
-              **group_kind_stats(rewards, advantages, batch.is_unsafe, s.config.sample.group_size)}
+              "reward_std": float(rewards.std()), "reward_mean_safe": _mean_where(rewards, ~is_unsafe),
+              "reward_mean_unsafe": _mean_where(rewards, is_unsafe), "num_samples": int(rewards.shape[0]),
+              "num_trained_samples": int(samples.keep.sum()), "rollout_s": samples.rollout_s,
+              "reward_s": samples.reward_s, "train_s": t3 - t2,
+              **group_kind_stats(rewards, advantages, is_unsafe, s.config.sample.group_size)}
     if s.judge is not None:  # toy world: the pixel judge's verdicts on this rank's samples
-        prompts = [batch.prompts[i] for i in batch.sample_prompt[sample_ids].tolist()]
-        record.update(s.judge(trajectories.images, prompts, batch.is_unsafe[sample_ids]))
+        record.update(s.judge(samples.trajectories.images, samples.row_prompts(), samples.rows(is_unsafe)))
     writer.log(record, kind="epoch")
     if s.config.run.num_sample_images and s.engine.is_main:
-        order = sample_ids.argsort()[:s.config.run.num_sample_images]   # this rank's samples, by global id
-        save_image_grid(trajectories.images[order], s.output_dir / "samples" / f"epoch_{epoch:04d}.png")
+        order = samples.sample_ids.argsort()[:s.config.run.num_sample_images]   # this rank's samples, by global id
+        save_image_grid(samples.trajectories.images[order], s.output_dir / "samples" / f"epoch_{epoch:04d}.png")
     return record, global_step
 
 

@@ -3,7 +3,8 @@ folded in), group advantages, clipped-ratio loss.
 
 Needs only torch. Other diffusion-RL code can use it directly::
 
-    from fastgrpo.ops import ddim_step, ddim_logprob, flow_sde_step, flow_sde_logprob, group_advantages, grpo_loss
+    from fastgrpo.ops import (ddim_step, ddim_logprob, flow_sde_step, flow_sde_logprob, group_advantages, grpo_loss,
+                              matching_loss)
 
 Every op takes `backend` ("auto", "triton", "cpp", "reference"); the environment variable FASTGRPO_BACKEND overrides
 "auto", which picks Triton for CUDA tensors, the C++ extension for CPU tensors, else the PyTorch reference.
@@ -25,10 +26,11 @@ import torch
 from fastgrpo.ops import reference
 from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
 from fastgrpo.ops.loss import STAT_NAMES, group_advantages_fused, group_advantages_op, grpo_loss_fused, grpo_loss_op  # noqa: F401,E501
+from fastgrpo.ops.matching import matching_loss_fused, matching_loss_op  # noqa: F401 (custom ops)
 from fastgrpo.ops.step import step_logprob_fused, step_logprob_op, step_sample_op  # noqa: F401 (custom ops)
 
 __all__ = ["ddim_logprob", "ddim_step", "flow_sde_logprob", "flow_sde_step", "group_advantages", "grpo_loss",
-           "explain", "BackendUnavailableError"]
+           "matching_loss", "explain", "BackendUnavailableError"]
 
 
 def _check_step_inputs(op, model_output, sample, schedule, *, uncond_output, reduction, others=()):
@@ -264,3 +266,46 @@ def grpo_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: 
     values = stats.unbind()
     named = dict(zip(STAT_NAMES[1:] if ref_log_probs is not None else STAT_NAMES[1:-1], values[1:]))
     return loss, named
+
+
+def matching_loss(prediction: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor, *, clip_range: float,
+                  old_surrogates: torch.Tensor | None = None, clip_range_high: float | None = None,
+                  uncond_prediction: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                  reference_prediction: torch.Tensor | None = None, kl_coef: float = 0.0,
+                  backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Advantage-weighted matching loss with the PPO clip over B rows, one fused pass over the (B, ...) predictions:
+    per row the surrogate -mean((guided - target)^2), its ratio exp(surrogate - old) (old None: on-policy, ratio 1),
+    the clipped advantage-weighted term, and optionally kl_coef * mean((guided - reference)^2). See
+    `reference.matching_loss`. Returns (loss, stats, surrogates (B,) detached); differentiable with respect to
+    prediction and uncond_prediction."""
+    if prediction.dim() < 2:
+        raise ValueError(f"matching_loss: prediction must be (B, ...) with at least 2 dims, got "
+                         f"{tuple(prediction.shape)}")
+    for name, tensor in (("target", target), ("uncond_prediction", uncond_prediction),
+                         ("reference_prediction", reference_prediction)):
+        if tensor is not None and tensor.shape != prediction.shape:
+            raise ValueError(f"matching_loss: {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(prediction.shape)}")
+    for name, tensor in (("advantages", advantages), ("old_surrogates", old_surrogates)):
+        if tensor is not None and tensor.shape != prediction.shape[:1]:
+            raise ValueError(f"matching_loss: {name} must have shape ({prediction.shape[0]},), got "
+                             f"{tuple(tensor.shape)}")
+    clip_high = clip_range if clip_range_high is None else clip_range_high
+    if not (clip_range > 0 and clip_high > 0):
+        raise ValueError(f"matching_loss: clip_range must be > 0, got {clip_range} (clip_range_high "
+                         f"{clip_range_high})")
+    rejections = {}
+    if any(t is not None and t.requires_grad for t in (target, advantages, old_surrogates, reference_prediction)):
+        rejections = {name: "target/advantages/old_surrogates/reference_prediction require grad (only the "
+                            "predictions are differentiated)" for name in ("triton", "cpp")}
+    chosen = select_backend("matching_loss", prediction, backend, rejections)
+    if chosen == "reference":
+        return reference.matching_loss(prediction, target, advantages, clip_range=clip_range,
+                                       old_surrogates=old_surrogates, clip_range_high=clip_high,
+                                       uncond_prediction=uncond_prediction, guidance_scale=guidance_scale,
+                                       reference_prediction=reference_prediction, kl_coef=kl_coef)
+    loss, stats, surrogates = matching_loss_fused(prediction, uncond_prediction, target, reference_prediction,
+                                                  advantages, old_surrogates, float(guidance_scale),
+                                                  float(clip_range), float(clip_high), float(kl_coef), chosen)
+    names = reference.MATCHING_STATS[1:] if reference_prediction is not None else reference.MATCHING_STATS[1:-1]
+    return loss, dict(zip(names, stats.unbind()[1:])), surrogates

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("triton", "cpp", "reference")
-OPS = ("ddim_logprob", "ddim_step", "flow_sde_logprob", "flow_sde_step", "group_advantages", "grpo_loss")
+OPS = ("ddim_logprob", "ddim_step", "flow_sde_logprob", "flow_sde_step", "group_advantages", "grpo_loss",
+       "matching_loss")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -295,3 +295,50 @@ def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs
         loss = loss + kl_coef * kl
         stats["kl"] = kl.detach()
     return loss, stats
+
+
+# ---------------------------------------------------------------------------------------- advantage-weighted matching
+
+MATCHING_STATS = ("loss", "approx_kl", "clipfrac", "ratio_mean", "ratio_min", "ratio_max", "kl")
+
+
+def matching_loss(prediction, target, advantages, *, clip_range, old_surrogates=None, clip_range_high=None,
+                  uncond_prediction=None, guidance_scale=1.0, reference_prediction=None, kl_coef=0.0):
+    """Advantage-weighted matching loss (AWM, arXiv 2509.25050) with the PPO clip, over B (sample, draw) rows.
+
+    Per row i, with guided_i = uncond + g (cond - uncond) (the conditional prediction alone without uncond):
+        surrogate_i = -mean((guided_i - target_i)^2)                  over the non-batch dims
+        ratio_i     = exp(surrogate_i - old_i)                         (old None: on-policy, old_i = surrogate_i)
+        term_i      = max(-A_i ratio_i, -A_i clamp(ratio_i, 1 - clip_range, 1 + clip_range_high))
+        kl_i        = mean((guided_i - reference_i)^2)                 (with reference_prediction)
+        loss        = mean_i(term_i) + kl_coef * mean_i(kl_i)
+    The surrogate is the denoising loss that AWM's policy-gradient equivalence weights by the advantage; old_i is its
+    value under the rollout policy, so the ratio plays the part of DDPO's likelihood ratio.
+
+    prediction, target, uncond_prediction, reference_prediction: (B, ...); advantages, old_surrogates: (B,).
+    Differentiable with respect to prediction and uncond_prediction. Returns (loss, stats, surrogates): stats as
+    `grpo_loss`'s (`approx_kl` = 0.5 mean(log_ratio^2), `clipfrac`, `ratio_mean/min/max`, `kl` with a reference),
+    surrogates (B,) detached.
+    """
+    dtype = math_dtype(prediction, target, advantages, old_surrogates, uncond_prediction, reference_prediction)
+    prediction, target, advantages, old_surrogates, uncond_prediction, reference_prediction = _cast(
+        dtype, prediction, target, advantages, old_surrogates, uncond_prediction, reference_prediction)
+    guided = guided_output(prediction, uncond_prediction, guidance_scale)
+    surrogates = -_reduce((guided - target) ** 2, "mean")                               # (B,)
+    log_ratio = surrogates - (surrogates.detach() if old_surrogates is None else old_surrogates)
+    ratio = torch.exp(log_ratio)
+    low, high = 1.0 - clip_range, 1.0 + (clip_range if clip_range_high is None else clip_range_high)
+    terms = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, low, high))
+    loss = terms.mean()
+    stats = {
+        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+        "clipfrac": ((ratio.detach() < low) | (ratio.detach() > high)).to(dtype).mean(),
+        "ratio_mean": ratio.detach().mean(),
+        "ratio_min": ratio.detach().min(),
+        "ratio_max": ratio.detach().max(),
+    }
+    if reference_prediction is not None:
+        kl = _reduce((guided - reference_prediction) ** 2, "mean").mean()
+        loss = loss + kl_coef * kl
+        stats["kl"] = kl.detach()
+    return loss, stats, surrogates.detach()

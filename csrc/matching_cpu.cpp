@@ -1,0 +1,195 @@
+// Advantage-weighted matching loss on CPU: the same math as kernels/fastgrpo_kernels/matching_loss.py and
+// fastgrpo.ops.reference.matching_loss.
+//
+// Forward: per row i, with guided = u + g (c - u) (c alone without uncond) over its N elements,
+//   se_i = sum((guided - target)^2) / N,  kl_i = sum((guided - ref)^2) / N,  surrogate_i = -se_i,
+//   ratio_i = exp(surrogate_i - old_i) (1 without old), term_i = max(-A_i ratio_i, -A_i clamp(ratio_i, 1 - lo, 1 + hi)),
+//   loss = mean(term) + kl_coef mean(kl), coef_i = d loss / d surrogate_i = -A_i ratio_i / B where the unclipped
+//   term is the larger (0 where the clip is active).
+// Backward: d loss / d guided = grad_loss * (coef_i * (-2 / N) (guided - target) + kl_coef / B * (2 / N) (guided - ref)),
+//   then d/d cond = g d_guided (d_guided without CFG), d/d uncond = (1 - g) d_guided.
+// Rows are split into fixed chunks summed with SIMD lanes in T and added in double in chunk order, so results do not
+// depend on the thread count.
+
+#include "matching_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace {
+
+constexpr int64_t CHUNK = 8192;
+
+template <typename Fn>
+void for_each_chunk(int64_t batch, int64_t n, const Fn& fn) {
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t job = lo; job < hi; ++job) {
+      const int64_t row = job / chunks;
+      const int64_t begin = row * n + (job % chunks) * CHUNK;
+      fn(job, row, begin, std::min(begin + CHUNK, (row + 1) * n));
+    }
+  });
+}
+
+// Sums of (guided - target)^2 and (guided - ref)^2 over [begin, end).
+template <typename T, bool HAS_UNCOND, bool HAS_REF>
+void chunk_sums(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ t, const T* __restrict__ r,
+                int64_t begin, int64_t end, T g, double* se, double* kl) {
+  T acc = 0, acc_ref = 0;
+#pragma omp simd reduction(+ : acc, acc_ref)
+  for (int64_t i = begin; i < end; ++i) {
+    T guided = c[i];
+    if constexpr (HAS_UNCOND) guided = u[i] + g * (c[i] - u[i]);
+    const T diff = guided - t[i];
+    acc += diff * diff;
+    if constexpr (HAS_REF) {
+      const T drift = guided - r[i];
+      acc_ref += drift * drift;
+    }
+  }
+  *se = static_cast<double>(acc);
+  *kl = static_cast<double>(acc_ref);
+}
+
+template <typename T, bool HAS_UNCOND, bool HAS_REF>
+void chunk_grads(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ t, const T* __restrict__ r,
+                 T* __restrict__ gc, T* __restrict__ gu, int64_t begin, int64_t end, T g, T f_target, T f_ref) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    T guided = c[i];
+    if constexpr (HAS_UNCOND) guided = u[i] + g * (c[i] - u[i]);
+    T d = f_target * (guided - t[i]);
+    if constexpr (HAS_REF) d += f_ref * (guided - r[i]);
+    if constexpr (HAS_UNCOND) {
+      if (gc) gc[i] = g * d;
+      if (gu) gu[i] = (T(1) - g) * d;
+    } else {
+      gc[i] = d;
+    }
+  }
+}
+
+template <typename Fn>
+void with_two_flags(bool a, bool b, const Fn& fn) {
+  if (a && b) fn(std::true_type{}, std::true_type{});
+  else if (a) fn(std::true_type{}, std::false_type{});
+  else if (b) fn(std::false_type{}, std::true_type{});
+  else fn(std::false_type{}, std::false_type{});
+}
+
+void check(const at::Tensor& like, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
+              "fastgrpo cpu matching_loss: ", name, " must be a contiguous CPU tensor of the predictions' dtype");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> matching_loss_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
+                                              const at::Tensor& target, const c10::optional<at::Tensor>& ref,
+                                              const at::Tensor& advantages, const c10::optional<at::Tensor>& old,
+                                              double guidance, double clip_low, double clip_high, double kl_coef) {
+  check(cond, cond, "cond");
+  check(cond, target, "target");
+  check(cond, advantages, "advantages");
+  if (uncond.has_value()) check(cond, *uncond, "uncond");
+  if (ref.has_value()) check(cond, *ref, "ref");
+  if (old.has_value()) check(cond, *old, "old");
+  const int64_t batch = cond.size(0);
+  TORCH_CHECK(batch > 0 && advantages.numel() == batch, "fastgrpo cpu matching_loss: advantages must be (B,)");
+  const int64_t n = cond.numel() / batch;
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  auto stats = at::empty({7}, cond.options());
+  auto rows = at::empty({batch, 3}, cond.options());
+  AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "matching_loss_forward", [&] {
+    using T = scalar_t;
+    const T* c = cond.data_ptr<T>();
+    const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
+    const T* t = target.data_ptr<T>();
+    const T* r = ref.has_value() ? ref->data_ptr<T>() : nullptr;
+    std::vector<double> se(batch * chunks), kl(batch * chunks);
+    with_two_flags(u != nullptr, r != nullptr, [&](auto has_uncond, auto has_ref) {
+      for_each_chunk(batch, n, [&](int64_t job, int64_t, int64_t begin, int64_t end) {
+        chunk_sums<T, decltype(has_uncond)::value, decltype(has_ref)::value>(c, u, t, r, begin, end, T(guidance),
+                                                                            &se[job], &kl[job]);
+      });
+    });
+    const T* adv = advantages.data_ptr<T>();
+    const T* o = old.has_value() ? old->data_ptr<T>() : nullptr;
+    T* out = rows.data_ptr<T>();
+    double loss = 0, sq = 0, clipped = 0, ratio_sum = 0, kl_sum = 0;
+    double ratio_min = std::numeric_limits<double>::infinity(), ratio_max = -ratio_min;
+    for (int64_t i = 0; i < batch; ++i) {
+      double se_i = 0, kl_i = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        se_i += se[i * chunks + k];
+        kl_i += kl[i * chunks + k];
+      }
+      // the surrogate is rounded to T first, as the reference computes it, so an on-policy old gives ratio 1
+      const T surrogate = static_cast<T>(-se_i / n);
+      kl_i /= n;
+      const double log_ratio = o ? static_cast<double>(surrogate) - o[i] : 0.0;
+      const double ratio = std::exp(log_ratio);
+      const double bounded = std::min(std::max(ratio, 1.0 - clip_low), 1.0 + clip_high);
+      const double a = adv[i];
+      const bool active = -a * ratio >= -a * bounded;  // the unclipped term is the max: the gradient flows
+      loss += std::max(-a * ratio, -a * bounded);
+      sq += log_ratio * log_ratio;
+      clipped += (ratio < 1.0 - clip_low || ratio > 1.0 + clip_high) ? 1.0 : 0.0;
+      ratio_sum += ratio;
+      ratio_min = std::min(ratio_min, ratio);
+      ratio_max = std::max(ratio_max, ratio);
+      kl_sum += kl_i;
+      out[3 * i] = surrogate;
+      out[3 * i + 1] = static_cast<T>(active ? -a * ratio / batch : 0.0);
+      out[3 * i + 2] = static_cast<T>(kl_i);
+    }
+    T* s = stats.data_ptr<T>();
+    const double values[7] = {loss / batch + kl_coef * kl_sum / batch, 0.5 * sq / batch, clipped / batch,
+                              ratio_sum / batch, ratio_min, ratio_max, kl_sum / batch};
+    for (int k = 0; k < 7; ++k) s[k] = static_cast<T>(values[k]);
+  });
+  return {stats, rows};
+}
+
+std::vector<at::Tensor> matching_loss_backward(const at::Tensor& grad_loss, const at::Tensor& cond,
+                                               const c10::optional<at::Tensor>& uncond, const at::Tensor& target,
+                                               const c10::optional<at::Tensor>& ref, const at::Tensor& rows,
+                                               double guidance, double kl_coef, bool needs_cond, bool needs_uncond) {
+  check(cond, target, "target");
+  check(cond, rows, "rows");
+  check(cond, grad_loss, "grad_loss");
+  if (uncond.has_value()) check(cond, *uncond, "uncond");
+  if (ref.has_value()) check(cond, *ref, "ref");
+  const int64_t batch = cond.size(0);
+  const int64_t n = cond.numel() / batch;
+  const bool has_uncond = uncond.has_value();
+  // without CFG the conditional prediction is the guided one: its gradient is always computed when asked for
+  auto grad_cond = needs_cond ? at::empty_like(cond) : at::Tensor();
+  auto grad_uncond = needs_uncond && has_uncond ? at::empty_like(cond) : at::Tensor();
+  if (!grad_cond.defined() && !grad_uncond.defined()) return {grad_cond, grad_uncond};
+  TORCH_CHECK(grad_cond.defined() || has_uncond, "fastgrpo cpu matching_loss: nothing to differentiate");
+  AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "matching_loss_backward", [&] {
+    using T = scalar_t;
+    const T* c = cond.data_ptr<T>();
+    const T* u = has_uncond ? uncond->data_ptr<T>() : nullptr;
+    const T* t = target.data_ptr<T>();
+    const T* r = ref.has_value() ? ref->data_ptr<T>() : nullptr;
+    const T* row = rows.data_ptr<T>();
+    T* gc = grad_cond.defined() ? grad_cond.data_ptr<T>() : nullptr;
+    T* gu = grad_uncond.defined() ? grad_uncond.data_ptr<T>() : nullptr;
+    const double go = static_cast<double>(grad_loss.data_ptr<T>()[0]);
+    with_two_flags(has_uncond, r != nullptr, [&](auto uncond_flag, auto ref_flag) {
+      for_each_chunk(batch, n, [&](int64_t, int64_t i, int64_t begin, int64_t end) {
+        const T f_target = static_cast<T>(go * static_cast<double>(row[3 * i + 1]) * -2.0 / n);
+        const T f_ref = static_cast<T>(go * kl_coef / batch * 2.0 / n);
+        chunk_grads<T, decltype(uncond_flag)::value, decltype(ref_flag)::value>(c, u, t, r, gc, gu, begin, end,
+                                                                               T(guidance), f_target, f_ref);
+      });
+    });
+  });
+  return {grad_cond, grad_uncond};
+}

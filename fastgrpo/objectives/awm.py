@@ -1,0 +1,132 @@
+"""Advantage-weighted matching (AWM, arXiv 2509.25050), carried to DDIM's epsilon and v prediction.
+
+The sampler's steps are not trained. Each sample's final latent x0 is noised afresh K times,
+x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with a_t = alpha_bar(t), and each (t, eps) draw is a trained row whose
+surrogate s = -mean((pred(x_t, t) - target)^2) (target eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0) is the
+denoising loss pretraining minimises. The update is the PPO clip on ratio exp(s - s_old), with s_old the rollout
+policy's surrogate on the same draw, weighted by the sample's group advantage (`fastgrpo.ops.matching_loss`, one fused
+op). So good samples are denoised better and bad ones worse, without any step's log-prob: the rollout may be
+deterministic (sample.eta = 0). The optional penalty is train.kl_coef * mean((pred - pred_ref)^2) to the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastgrpo import ops
+from fastgrpo.diffusion import Guidance, unet_outputs
+from fastgrpo.grpo import UpdatePlan, micro_batches, plan_update
+from fastgrpo.objectives.ddpo import kl_reference
+from fastgrpo.rng import generator
+
+
+@dataclass
+class MatchingDraws:
+    """Each trajectory row's K (timestep, noise) draws."""
+
+    timesteps: torch.Tensor  # (M, K) long: training timesteps in [0, T)
+    noise: torch.Tensor      # (M, K, C, H, W) fp32 standard normal
+
+
+def draw_matching(sample_ids: torch.Tensor, num_draws: int, distribution: str, schedule_timesteps: torch.Tensor,
+                  num_train_timesteps: int, latent_shape: tuple[int, ...], seed: int, epoch: int,
+                  device) -> MatchingDraws:
+    """K draws per sample, a function of (seed, epoch, global sample id) only (so of no batch size or world size).
+
+    distribution 'uniform': t uniform over [0, T); 'stratified': draw k uniform over [k T / K, (k + 1) T / K);
+    'sampler': K distinct steps of the sampler's schedule (schedule_timesteps (S,))."""
+    timesteps, noise = [], []
+    for sample_id in sample_ids.tolist():
+        gen = generator(seed, "matching", epoch, sample_id)
+        if distribution == "uniform":
+            drawn = torch.randint(num_train_timesteps, (num_draws,), generator=gen)
+        elif distribution == "stratified":
+            offsets = torch.rand(num_draws, generator=gen, dtype=torch.float64)
+            drawn = ((torch.arange(num_draws) + offsets) * num_train_timesteps / num_draws).long()
+        else:
+            choice = torch.randperm(schedule_timesteps.shape[0], generator=gen)[:num_draws]
+            drawn = schedule_timesteps.cpu()[choice]
+        timesteps.append(drawn)
+        noise.append(torch.randn((num_draws, *latent_shape), generator=gen))
+    return MatchingDraws(torch.stack(timesteps).to(device), torch.stack(noise).to(device))
+
+
+def noised_inputs(clean: torch.Tensor, noise: torch.Tensor, alpha_prod: torch.Tensor, prediction_type: str):
+    """(x_t, target) for clean latents x0 (B, C, H, W), noise (B, C, H, W), alpha_bar(t) (B,): x_t = sqrt(a) x0 +
+    sqrt(1 - a) eps; target eps (epsilon prediction) or v = sqrt(a) eps - sqrt(1 - a) x0 (v prediction)."""
+    a = alpha_prod.view(-1, *(1,) * (clean.dim() - 1))
+    signal, sigma = a.sqrt(), (1.0 - a).sqrt()
+    noisy = signal * clean + sigma * noise
+    target = noise if prediction_type == "epsilon" else signal * noise - sigma * clean
+    return noisy, target
+
+
+class AdvantageWeightedMatching:
+    name = "awm"
+    needs_log_probs = False
+
+    def __init__(self, config):
+        self.config = config
+        self.train = config.train
+        self.units_per_sample = config.train.matching_draws
+
+    def plan(self, samples: torch.Tensor, gen: torch.Generator, window: tuple[int, int] | None) -> UpdatePlan:
+        """Every sample trains all its K draws (in a random order); the SDE window only shapes the rollout."""
+        return plan_update(samples, self.units_per_sample, 1.0, gen)
+
+    def _guidance(self, s) -> Guidance:
+        if self.train.matching_prediction == "guided":
+            return s.guidance
+        return Guidance(s.guidance.eta, 1.0, s.guidance.prediction_type, s.guidance.backend,
+                        s.guidance.autocast_bf16)
+
+    def loss_fn(self, s, samples, advantages: torch.Tensor, plan: UpdatePlan | None = None):
+        """The clipped matching loss over (trajectory rows, draws); advantages (M,) by trajectory row. With `plan`
+        (this rank's first inner-epoch plan) the rollout policy's surrogates are computed first, on the plan's own
+        micro-batches, so the first optimiser step's ratio is exactly 1; without it the loss is on-policy."""
+        t, batch, trajectories = self.train, samples.batch, samples.trajectories
+        alphas = s.models.scheduler.alphas_cumprod.to(device=s.device, dtype=torch.float32)        # (T,)
+        draws = draw_matching(samples.sample_ids.cpu(), t.matching_draws, t.matching_timesteps,
+                              s.schedule.timesteps, alphas.shape[0], tuple(trajectories.latents.shape[2:]),
+                              self.config.run.seed, samples.epoch, s.device)
+        guidance, clean = self._guidance(s), trajectories.latents[:, -1]
+        reference = kl_reference(s)
+
+        def predictions(unet, rows, units):
+            timesteps = draws.timesteps[rows, units]
+            noisy, target = noised_inputs(clean[rows], draws.noise[rows, units], alphas[timesteps],
+                                          guidance.prediction_type)
+            cond_embeds = batch.prompt_embeds[trajectories.prompt_index[rows]]
+            cond, uncond = unet_outputs(unet, noisy, timesteps, cond_embeds, s.uncond_embed.expand_as(cond_embeds),
+                                        guidance)
+            return cond, uncond, target
+
+        def matching(rows, units, old):
+            cond, uncond, target = predictions(s.unet, rows, units)
+            ref = None
+            if reference is not None and t.kl_coef > 0:
+                with torch.no_grad(), reference() as ref_unet:
+                    ref_cond, ref_uncond, _ = predictions(ref_unet, rows, units)
+                    ref = ops.reference.guided_output(ref_cond, ref_uncond, guidance.guidance_scale)
+            return ops.matching_loss(cond, target, advantages[rows], old_surrogates=old, clip_range=t.clip_range,
+                                     clip_range_high=t.clip_range_high, uncond_prediction=uncond,
+                                     guidance_scale=guidance.guidance_scale, reference_prediction=ref,
+                                     kl_coef=t.kl_coef, backend=t.ops_backend)
+
+        old = None
+        if plan is not None:
+            old = torch.empty(draws.timesteps.shape, device=s.device)                                  # (M, K)
+            with torch.no_grad():
+                for step in micro_batches(plan, batch_size=t.batch_size,
+                                          samples_per_step=t.samples_per_step // s.engine.world_size):
+                    for rows, k in step:
+                        order, units = plan.order[rows], plan.steps[rows, k]
+                        old[order, units] = matching(order, units, None)[2]
+
+        def loss_fn(rows, units):
+            loss, stats, _ = matching(rows, units, None if old is None else old[rows, units])
+            return loss, stats
+
+        return loss_fn
