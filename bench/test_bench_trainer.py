@@ -13,7 +13,7 @@ from conftest import DEVICE, device_info
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, recompute_log_probs, sample_trajectories
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.config import TrainConfig
-from fastgrpo.grpo import LossSettings, plan_update, policy_update
+from fastgrpo.grpo import LossSettings, ddpo_loss_fn, plan_update, policy_update
 from fastgrpo.models import encode_prompts, load_diffusion_models
 from fastgrpo.tiny import build_tiny_pipeline
 
@@ -63,8 +63,8 @@ def test_training_epoch(benchmark, setup, backend):
         plan.order, plan.steps = plan.order.to(DEVICE), plan.steps.to(DEVICE)
         policy_fn = lambda s, t: recompute_log_probs(models.unet, trajectories, embeds, uncond,  # noqa: E731
                                                      schedule, guidance, s, t)
-        return list(policy_update(engine, policy_fn, None, trajectories.log_probs, advantages, plan, batch_size=8,
-                                  samples_per_step=16, loss=LossSettings(1e-4, 0.0, backend)))
+        loss_fn = ddpo_loss_fn(policy_fn, None, trajectories.log_probs, advantages, LossSettings(1e-4, 0.0, backend))
+        return list(policy_update(engine, loss_fn, plan, batch_size=8, samples_per_step=16))
 
     benchmark.pedantic(train_epoch, rounds=3, warmup_rounds=1, iterations=1)
     transitions = ids.shape[0] * NUM_STEPS

@@ -179,13 +179,15 @@ def test_xformers_falls_back_to_sdpa_with_a_notice(tiny_pipeline_dir, capsys):
 def test_safe_only_kl_falls_on_exactly_the_safe_prompts_samples(monkeypatch, tiny_overrides, prompt_files):
     """train.kl_prompts=safe: every trained sample of a safe prompt carries its KL, every unsafe prompt's sample
     none. Samples are stored in the shuffled plan order, so the safe mask must be read in that order too."""
-    from fastgrpo import train as train_module
+    from fastgrpo import epoch as epoch_module
+    from fastgrpo import grpo as grpo_module
+    from fastgrpo.objectives import ddpo as ddpo_module
     from fastgrpo.prompts import load_prompts
 
     unsafe_texts = set(load_prompts(str(prompt_files[1])))
     epoch_texts, rows_seen = {}, []
-    real_encode, real_recompute, real_update = (train_module.encode_prompts, train_module.recompute_log_probs,
-                                                train_module.policy_update)
+    real_encode, real_recompute, real_loss_fn = (epoch_module.encode_prompts, ddpo_module.recompute_log_probs,
+                                                 grpo_module.ddpo_loss_fn)
 
     def encode(models, prompts):
         epoch_texts["texts"] = list(prompts)
@@ -198,16 +200,16 @@ def test_safe_only_kl_falls_on_exactly_the_safe_prompts_samples(monkeypatch, tin
                                for i in trajectories.prompt_index[samples].tolist()])
         return log_probs, (kl if kl is None else torch.where(unsafe, 1.0, 2.0).to(kl))  # marks each row's kind
 
-    def update(engine, policy_fn, *args, **kwargs):
+    def loss_fn(policy_fn, *args, **kwargs):
         def recording(samples, steps):
             log_probs, kl = policy_fn(samples, steps)
             rows_seen.append(kl.detach().clone())
             return log_probs, kl
-        return real_update(engine, recording, *args, **kwargs)
+        return real_loss_fn(recording, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "encode_prompts", encode)
-    monkeypatch.setattr(train_module, "recompute_log_probs", recompute)
-    monkeypatch.setattr(train_module, "policy_update", update)
+    monkeypatch.setattr(epoch_module, "encode_prompts", encode)
+    monkeypatch.setattr(ddpo_module, "recompute_log_probs", recompute)
+    monkeypatch.setattr(ddpo_module, "ddpo_loss_fn", loss_fn)
     train(load_config("smoke", tiny_overrides + ["run.epochs=2", "train.kl_coef=0.1", "train.kl_prompts=safe",
                                                  "data.unsafe_fraction=0.5"]))
     values = torch.cat(rows_seen)

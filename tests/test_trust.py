@@ -130,15 +130,15 @@ def one_step(make_log_probs, skip):
     """policy_update over one optimiser step of 4 samples whose log-probs come from make_log_probs(weight)."""
     from fastgrpo.config import TrainConfig
     from fastgrpo.engine import SingleProcessEngine
-    from fastgrpo.grpo import LossSettings, UpdatePlan, policy_update
+    from fastgrpo.grpo import LossSettings, UpdatePlan, ddpo_loss_fn, policy_update
 
     model = Linear()
     engine = SingleProcessEngine(model, TrainConfig(learning_rate=0.1))
     plan = UpdatePlan(torch.arange(4), torch.zeros(4, 1, dtype=torch.long))
     policy_fn = lambda samples, steps: (make_log_probs(model.weight)[samples], None)  # noqa: E731
-    stats = list(policy_update(engine, policy_fn, None, torch.zeros(4, 1), torch.tensor([1.0, -1.0, 0.5, -0.5]),
-                               plan, batch_size=4, samples_per_step=4,
-                               loss=LossSettings(0.2, skip_nonfinite=skip)))
+    loss_fn = ddpo_loss_fn(policy_fn, None, torch.zeros(4, 1), torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                           LossSettings(0.2))
+    stats = list(policy_update(engine, loss_fn, plan, batch_size=4, samples_per_step=4, skip_nonfinite=skip))
     return model, engine, stats
 
 

@@ -59,7 +59,7 @@ def _jit_kernels():
     import triton
 
     kernels = {}
-    for module in ("step_logprob", "group_advantages", "grpo_loss"):  # the package exports functions of these names
+    for module in ("step_logprob", "group_advantages", "grpo_loss", "matching_loss"):  # the package exports functions of these names
         for name, value in vars(importlib.import_module(f"fastgrpo_kernels.{module}")).items():
             if name.endswith("_kernel"):
                 if not isinstance(value, triton.runtime.jit.JITFunction):
@@ -177,12 +177,34 @@ def exercise_grpo(dtypes=DTYPES, group_sizes=GROUP_SIZES) -> None:
             loss.backward()
 
 
+def exercise_matching(dtypes=DTYPES, row_shapes=ROW_SHAPES) -> None:
+    """Call matching_loss (forward, and backward per gradient subset) once for every option combination."""
+    from fastgrpo import ops
+
+    for dtype, (batch, shape), with_uncond, with_ref, with_old in itertools.product(
+            dtypes, row_shapes, (False, True), (False, True), (False, True)):
+        subsets = [(True, False), (False, True), (True, True)] if with_uncond else [(True, False)]
+        for needs in subsets:
+            def tensor(flag=False):
+                return torch.randn(batch, *shape).to(dtype).requires_grad_(flag)
+
+            cond, uncond = tensor(needs[0]), tensor(needs[1]) if with_uncond else None
+            loss, _, _ = ops.matching_loss(cond, tensor(), torch.randn(batch).to(dtype), clip_range=0.2,
+                                           old_surrogates=-torch.rand(batch).to(dtype) if with_old else None,
+                                           uncond_prediction=uncond, guidance_scale=4.0,
+                                           reference_prediction=tensor() if with_ref else None,
+                                           kl_coef=0.1 if with_ref else 0.0, backend="triton")
+            loss.backward()
+
+
 def launches(target) -> list[Launch]:
     """The distinct specialisations the ops launch, in first-launch order."""
     with recording(target) as recorded:
         exercise_steps()
         exercise_steps(LARGE_DTYPES, LARGE_ROW_SHAPES)
         exercise_grpo()
+        exercise_matching()
+        exercise_matching(LARGE_DTYPES, LARGE_ROW_SHAPES)
     return list({launch.key(): launch for launch in recorded}.values())
 
 

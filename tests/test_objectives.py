@@ -1,0 +1,172 @@
+"""train.objective=awm and SDE windows on the tiny random model: the draws, the noised inputs and deterministic steps
+against diffusers' own schedulers, the window's effect on the rollout, and end-to-end runs (first ratio exactly 1,
+resume, LoRA, bad values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from fastgrpo.checkpoint import list_checkpoints
+from fastgrpo.config import load_config
+from fastgrpo.diffusion import (DDIMSchedule, Guidance, RolloutSettings, SdeWindow, ddim_deterministic_step,
+                                sample_trajectories)
+from fastgrpo.errors import ConfigError
+from fastgrpo.models import encode_prompts, load_diffusion_models
+from fastgrpo.objectives.awm import draw_matching, noised_inputs
+from fastgrpo.train import train
+from test_train_e2e import read_metrics, run_cli, unet_weights
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_pipeline_dir):
+    return load_diffusion_models(str(tiny_pipeline_dir), device=CPU)
+
+
+def test_draws_depend_only_on_the_global_sample_id():
+    timesteps = torch.arange(900, -1, -100)
+    whole = draw_matching(torch.arange(8), 4, "uniform", timesteps, 1000, (4, 2, 2), seed=3, epoch=1, device=CPU)
+    part = draw_matching(torch.tensor([6, 2]), 4, "uniform", timesteps, 1000, (4, 2, 2), seed=3, epoch=1, device=CPU)
+    assert torch.equal(part.timesteps, whole.timesteps[[6, 2]]) and torch.equal(part.noise, whole.noise[[6, 2]])
+    other_epoch = draw_matching(torch.arange(8), 4, "uniform", timesteps, 1000, (4, 2, 2), seed=3, epoch=2,
+                                device=CPU)
+    assert not torch.equal(other_epoch.noise, whole.noise)
+
+
+def test_timestep_distributions():
+    timesteps = torch.arange(900, -1, -100)
+    ids = torch.arange(400)
+    stratified = draw_matching(ids, 4, "stratified", timesteps, 1000, (1,), seed=0, epoch=0, device=CPU).timesteps
+    for k in range(4):  # draw k lies in the k-th quarter, and covers it
+        assert stratified[:, k].min() >= 250 * k and stratified[:, k].max() < 250 * (k + 1)
+        assert stratified[:, k].max() - stratified[:, k].min() > 200
+    sampler = draw_matching(ids, 4, "sampler", timesteps, 1000, (1,), seed=0, epoch=0, device=CPU).timesteps
+    assert set(sampler.flatten().tolist()) <= set(timesteps.tolist())
+    assert all(len(set(row)) == 4 for row in sampler.tolist())  # distinct steps per sample
+    uniform = draw_matching(ids, 4, "uniform", timesteps, 1000, (1,), seed=0, epoch=0, device=CPU).timesteps
+    assert uniform.min() >= 0 and uniform.max() < 1000 and len(set(uniform.flatten().tolist())) > 500
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noised_inputs_match_diffusers(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type)
+    gen = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(3, 4, 5, 5, generator=gen), torch.randn(3, 4, 5, 5, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    noisy, target = noised_inputs(clean, noise, scheduler.alphas_cumprod[t], prediction_type)
+    torch.testing.assert_close(noisy, scheduler.add_noise(clean, noise, t))
+    expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, t)
+    torch.testing.assert_close(target, expected)
+
+
+def test_deterministic_step_equals_diffusers_ddim_at_eta_zero(tiny_pipeline_dir):
+    scheduler = DDIMScheduler.from_pretrained(tiny_pipeline_dir, subfolder="scheduler")
+    schedule = DDIMSchedule.from_scheduler(scheduler, 5, CPU)
+    gen = torch.Generator().manual_seed(0)
+    for j, t in enumerate(scheduler.timesteps):
+        x, cond, uncond = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+        got = ddim_deterministic_step(cond, x, schedule.alpha_prod_t[j].expand(2),
+                                      schedule.alpha_prod_t_prev[j].expand(2), uncond_output=uncond,
+                                      guidance_scale=3.0)
+        expected = scheduler.step(uncond + 3.0 * (cond - uncond), t, x, eta=0.0).prev_sample
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_window_positions():
+    assert SdeWindow(2, 3).steps(7, 10, 0) == tuple(3 <= s < 5 for s in range(10))
+    sliding = SdeWindow(3, 1, "sliding", shift_every=2)
+    assert [sliding.first_step(e, 10, 0) for e in (0, 1, 2, 5, 100)] == [1, 1, 2, 3, 7]
+    starts = {SdeWindow(3, 0, "random").first_step(e, 10, 0) for e in range(60)}
+    assert starts == set(range(8))
+
+
+def _rollout(models, stochastic, noise_seed=0, eta=1.0):
+    embeds = encode_prompts(models, ["a red apple", "a naked person"])
+    uncond = encode_prompts(models, [""])
+    schedule = DDIMSchedule.from_scheduler(models.scheduler, 4, CPU)
+    settings = RolloutSettings(models.latent_shape(None), 2, 4, False, noise_seed)
+    return sample_trajectories(models.unet, models.vae, schedule, embeds, uncond, torch.arange(2).repeat_interleave(2),
+                               torch.arange(4), Guidance(eta, 5.0, models.prediction_type), settings, epoch=0,
+                               stochastic=stochastic)
+
+
+def test_a_window_makes_the_other_steps_deterministic_and_shares_the_initial_noise(models):
+    window = (False, True, True, False)
+    base, reseeded = _rollout(models, window, noise_seed=0), _rollout(models, window, noise_seed=1)
+    # a group's samples start from one latent; the two groups from different ones
+    assert torch.equal(base.latents[0, 0], base.latents[1, 0]) and not torch.equal(base.latents[0, 0],
+                                                                                   base.latents[2, 0])
+    # outside the window, no log-prob and no noise: the step is a function of x_t alone
+    assert torch.equal(base.log_probs[:, [0, 3]], torch.zeros(4, 2))
+    assert (base.log_probs[:, 1:3] != 0).all()
+    assert not torch.equal(base.latents[0, 2], base.latents[1, 2])  # the window's noise separates the group
+    # a different step noise moves only what the window's steps produce
+    assert not torch.equal(base.latents[:, 2], reseeded.latents[:, 2])
+    deterministic = _rollout(models, None, eta=0.0)
+    assert torch.equal(deterministic.log_probs, torch.zeros(4, 4))
+    assert not torch.equal(deterministic.latents[0, -1], deterministic.latents[1, -1])  # own initial noise each
+
+
+def _steps(run_dir):
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("extra", [
+    ["train.objective=awm", "train.matching_draws=3"],
+    ["train.objective=awm", "train.matching_prediction=guided", "train.matching_timesteps=sampler", "sample.eta=0",
+     "train.kl_coef=0.5"],
+    ["sample.sde_window_size=2", "sample.sde_window_schedule=random"],
+])
+def test_first_optimiser_step_is_on_policy_and_training_moves_the_unet(tiny_overrides, tmp_path, extra):
+    run = train(load_config("smoke", tiny_overrides + extra + [f"run.output_dir={tmp_path / 'run'}"]))
+    steps = _steps(run)
+    assert steps[0]["ratio_min"] == steps[0]["ratio_max"] == 1.0  # the rollout policy's own values, exactly
+    assert any(s["ratio_min"] != 1.0 or s["ratio_max"] != 1.0 for s in steps[1:])  # later steps are off-policy
+    # each optimiser step takes samples_per_step samples x their trained units: 2 samples per micro-batch
+    expected_steps = 2 * 8 // 4  # epochs x samples per epoch / samples per step
+    assert len(steps) == expected_steps
+    before = load_diffusion_models(tiny_overrides[0].split("=", 1)[1], device=CPU).unet.state_dict()
+    after = unet_weights(list_checkpoints(run)[-1][1])
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_awm_resume_equals_uninterrupted(tiny_overrides, tmp_path):
+    common = tiny_overrides + ["train.objective=awm", "run.save_every=1", "run.num_sample_images=0", "run.epochs=3",
+                               "train.num_inner_epochs=2"]
+    straight = train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'straight'}"]))
+    interrupted = tmp_path / "interrupted"
+    train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.epochs=2"]))
+    resumed = train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
+    a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
+
+
+def test_awm_with_lora_trains_only_the_adapters(tiny_overrides, tmp_path):
+    run = train(load_config("smoke", tiny_overrides + ["train.objective=awm", "lora.rank=2", "train.kl_coef=0.1",
+                                                       f"run.output_dir={tmp_path / 'lora'}"]))
+    steps = _steps(run)
+    assert steps[0]["ratio_min"] == 1.0 and all(s["kl"] >= 0 for s in steps)
+    assert steps[-1]["kl"] > 0  # the adapters moved the prediction away from the base model's
+    assert (list_checkpoints(run)[-1][1] / "lora").is_dir()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.matching_draws=0", "train.matching_draws must be >= 1"),
+    ("sample.sde_window_size=5", "sample.sde_window_size must be in [0, sample.num_steps=4]"),
+    ("sample.sde_window_start=3", "sample.sde_window_start must be in [0, 2]"),
+    ("sample.eta=0", "train.objective=ddpo needs eta > 0"),
+    ("train.objective=awm train.ratio_norm=true", "apply to ddpo only"),
+    ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=5", "must be <= sample.num_steps"),
+])
+def test_bad_values_are_one_line_and_exit_2(tiny_overrides, tmp_path, override, message):
+    extra = override.split() + (["sample.sde_window_size=2"] if "window_start" in override else [])
+    with pytest.raises(ConfigError):
+        load_config("smoke", tiny_overrides + extra)
+    result = run_cli(tiny_overrides + extra, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
