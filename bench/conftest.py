@@ -128,11 +128,14 @@ def device() -> torch.device:
     return DEVICE
 
 
+OPT_IN = ("sd_scale", "samples_to_target")  # minutes each on a CPU (sd_scale: 4.3 GB of disk too)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Benchmarks marked sd_scale (minutes each on a CPU, 4.3 GB of disk) run only when asked for: -m sd_scale."""
-    if "sd_scale" in (config.getoption("markexpr") or ""):
-        return
-    deselected = [item for item in items if "sd_scale" in item.keywords]
+    """Benchmarks marked with an OPT_IN marker run only when asked for: -m sd_scale, -m samples_to_target."""
+    asked = config.getoption("markexpr") or ""
+    skipped = [marker for marker in OPT_IN if marker not in asked]
+    deselected = [item for item in items if any(marker in item.keywords for marker in skipped)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if "sd_scale" not in item.keywords]
+        items[:] = [item for item in items if item not in deselected]

@@ -116,9 +116,9 @@ class TrainConfig:
     adv_std: str = doc("Advantage scale: 'group' = each group's std, 'global' = std over the epoch", "group",
                        choices=("group", "global"))
     drop_zero_std_groups: bool = doc("Skip training on groups whose rewards are all equal", False)
-    timestep_fraction: float = doc("Fraction of each trajectory's steps trained on (random subset; every step "
-                                   "eligible)", 1.0)
-    timestep_range: list[float] = doc("[start, end]: the part of each trajectory (0 = its first, noisiest step; 1 "
+    timestep_fraction: float = doc("ddpo: fraction of each trajectory's steps trained on (random subset; every "
+                                   "step eligible); awm trains its own draws and ignores it", 1.0)
+    timestep_range: list[float] = doc("ddpo: [start, end]: the part of each trajectory (0 = its first, noisiest step; 1 "
                                       "= its end) the trained steps are drawn from; [0, 1] = every step, [0, 0.5] "
                                       "= the noisy half (layout, colour), [0.6, 1] = the last steps (fine detail)",
                                       [0.0, 1.0])
@@ -129,11 +129,15 @@ class TrainConfig:
                             "k3 estimate from both models' log-probs of the stored x_{t-1}", "mean",
                             choices=("mean", "sample"))
     kl_prompts: str = doc("Prompts the KL penalty applies to: 'all', or 'safe' (only samples of data.safe_prompts, "
-                          "so the unsafe prompts may move while the safe ones are held to the base model; needs "
-                          "kl_estimator=mean)", "all", choices=("all", "safe"))
+                          "so the unsafe prompts may move while the safe ones are held to the base model; ddpo "
+                          "needs kl_estimator=mean)", "all", choices=("all", "safe"))
     safe_advantages: str = doc("'group': safe prompts' groups train on their own normalised advantages; 'zero': "
                                "their advantages are 0, so they train only through the KL penalty (if any)", "group",
                                choices=("group", "zero"))
+    negative_advantages: str = doc("'keep': samples below their group's mean train with their negative advantage "
+                                   "(pushed away from); 'zero': only samples above the mean train (a filtered, "
+                                   "bounded update: awm's negative advantages raise the denoising loss without "
+                                   "limit)", "keep", choices=("keep", "zero"))
     preserve_prompts: str = doc("'safe': every update of the cross-attention's text projections is projected off the "
                                 "directions that hold train.preserve_energy of the safe prompts' (and the empty "
                                 "prompt's) text-encoder states, so their keys and values barely change; needs "
@@ -382,10 +386,9 @@ def validate(config: Config) -> None:
              "sample.eta=0 is deterministic (no log-probs): train.objective=ddpo needs eta > 0 (or use awm)")
     _validate_window(s, t)
     _require(t.matching_draws >= 1, f"train.matching_draws must be >= 1, got {t.matching_draws}")
-    _require(t.objective == "ddpo" or not (t.ratio_norm or t.kl_estimator == "sample" or t.kl_prompts != "all"
-                                           or t.timestep_fraction != 1.0 or t.timestep_range != [0.0, 1.0]),
-             f"train.objective={t.objective} trains its own (timestep, noise) draws: train.ratio_norm, "
-             "kl_estimator=sample, kl_prompts, timestep_fraction and timestep_range apply to ddpo only")
+    _require(t.objective == "ddpo" or not (t.ratio_norm or t.kl_estimator == "sample"),
+             f"train.objective={t.objective} has no sampler-step log-probs: train.ratio_norm and "
+             "kl_estimator=sample apply to ddpo only")
     _require(t.matching_timesteps != "sampler" or t.matching_draws <= s.num_steps,
              f"train.matching_timesteps=sampler draws distinct steps: train.matching_draws ({t.matching_draws}) "
              f"must be <= sample.num_steps ({s.num_steps})")

@@ -111,5 +111,7 @@ def collect_epoch(s, epoch: int) -> EpochSamples:
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
     if t.safe_advantages == "zero":  # safe groups carry no safety signal: only the KL penalty (if any) moves them
         advantages = advantages.masked_fill(~batch.is_unsafe, 0.0)
+    if t.negative_advantages == "zero":
+        advantages = advantages.clamp_min(0.0)
     return EpochSamples(epoch, batch, trajectories, sample_ids, rewards, advantages, keep, t1 - t0,
                         time.perf_counter() - t1)

@@ -180,3 +180,33 @@ def test_real_deepspeed_checkpoints_pass_the_safety_scan(runs):
             files = list((checkpoint / "deepspeed").rglob("*.pt"))
             assert files and all(pickle_globals(f) for f in files)
             check_deepspeed_state(checkpoint)
+
+
+NEW_OPTIONS = {"awm": ["train.objective=awm", "train.timestep_fraction=1.0", "train.matching_draws=2",
+                       "train.kl_coef=0.1", "sample.sde_window_size=2", "sample.sde_window_schedule=random"],
+               "ddpo_window": ["sample.sde_window_size=2", "sample.sde_window_schedule=sliding",
+                               "sample.sde_window_shift_every=1"]}
+
+
+@pytest.mark.parametrize("name", list(NEW_OPTIONS))
+def test_objectives_and_windows_on_two_ranks_match_one_process(name, tmp_path, tiny_pipeline_dir, tiny_clip_files,
+                                                               prompt_files):
+    clip_config, clip_checkpoint = tiny_clip_files
+    safe, unsafe = prompt_files
+    base = [f"model.pretrained={tiny_pipeline_dir}", f"reward.clip_model={clip_config}",
+            f"reward.clip_checkpoint={clip_checkpoint}", f"data.safe_prompts={safe}", f"data.unsafe_prompts={unsafe}",
+            "sample.num_steps=4", "sample.group_size=4", "sample.batch_size=4", "train.learning_rate=1e-3",
+            "train.clip_range=1e-2", "run.progress=false", "run.tensorboard=false", *SHAPE, "run.epochs=2",
+            *NEW_OPTIONS[name]]
+    single = train(load_config("smoke", base + [f"run.output_dir={tmp_path / 'single'}"]))
+    zero2 = tmp_path / "zero2"
+    launch(base + [f"run.output_dir={zero2}", "engine.deepspeed=zero2"], tmp_path)
+    steps = lambda rs: [r for r in rs if "loss" in r]  # noqa: E731
+    one, two = steps(records(single)), steps(records(zero2))
+    assert len(one) == len(two) == 4
+    assert one[0]["ratio_min"] == one[0]["ratio_max"] == 1.0
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert max_difference(weights(single, 1), weights(zero2, 1)) < 1e-5
+    assert max_difference(weights(single, 1), weights(single, 0)) > 1e-4  # training moved them

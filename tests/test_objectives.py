@@ -160,6 +160,7 @@ def test_awm_with_lora_trains_only_the_adapters(tiny_overrides, tmp_path):
     ("sample.sde_window_start=3", "sample.sde_window_start must be in [0, 2]"),
     ("sample.eta=0", "train.objective=ddpo needs eta > 0"),
     ("train.objective=awm train.ratio_norm=true", "apply to ddpo only"),
+    ("train.objective=awm train.kl_coef=0.1 train.kl_estimator=sample", "apply to ddpo only"),
     ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=5", "must be <= sample.num_steps"),
 ])
 def test_bad_values_are_one_line_and_exit_2(tiny_overrides, tmp_path, override, message):
