@@ -25,7 +25,7 @@ if os.environ.get("FASTGRPO_NO_EXT") != "1":
         # those loops vectorise; it changes no result, only the assumption that comparisons may trap.
         ext_modules = [CppExtension("fastgrpo._C", ["csrc/fastgrpo_cpu.cpp", "csrc/attention_cpu.cpp",
                                                       "csrc/matching_cpu.cpp"],
-                                    depends=["csrc/attention_cpu.h", "csrc/matching_cpu.h"],
+                                    depends=["csrc/attention_cpu.h", "csrc/matching_cpu.h", "csrc/chunks.h"],
                                     extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", *arch],
                                     extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": BuildExtension}

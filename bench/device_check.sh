@@ -8,10 +8,11 @@
 #   install   carried wheels (.whl/) into /tmp/site; the project editable, without build isolation and without the
 #             C++ CPU extension (FASTGRPO_NO_EXT=1: its CPU kernels are not what a GPU check is for)
 #   dispatch  `fastgrpo info`: backend=auto must pick Triton for CUDA tensors
-#   kernels   tests/test_kernels.py and tests/test_flow.py (the step ops; not the diffusers examples) on CUDA tensors with compiled Triton (FASTGRPO_TEST_DEVICE=cuda, no
+#   kernels   tests/test_kernels.py, tests/test_flow.py (the step ops; not the diffusers examples) and
+#             tests/test_matching.py (the advantage-weighted matching loss) on CUDA tensors with compiled Triton (FASTGRPO_TEST_DEVICE=cuda, no
 #             interpreter): every correctness case against the fp64 reference, gradients, opcheck, torch.compile,
 #             launch counts
-#   ops       bench/test_bench_ops.py, bench/test_bench_dropin.py: fused / eager / torch.compile'd / peer-style, GB/s, % of measured copy bandwidth,
+#   ops       bench/test_bench_ops.py, bench/test_bench_dropin.py, bench/test_bench_matching.py: fused / eager / torch.compile'd / peer-style, GB/s, % of measured copy bandwidth,
 #             launches per call, NVML clocks
 #   graph     bench/test_bench_cuda_graph.py: a rollout step captured in a CUDA graph and replayed
 #   unet      bench/test_bench_unet.py with Stable Diffusion v1.4's UNet (random init from its real config): CFG
@@ -82,10 +83,11 @@ FASTGRPO_NO_EXT=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolat
 section dispatch 30 "$PY" -c "from fastgrpo.info import backend_table; print(backend_table(['cuda']), end='')"
 
 section kernels 150 env FASTGRPO_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  tests/test_flow.py -k "not cpp_extension_is_built and not info_lists and not dropin and not euler" \
+  tests/test_flow.py tests/test_matching.py -k "not cpp_extension_is_built and not info_lists and not dropin and not euler and not thread_count" \
   --junitxml="$OUT/kernels_cuda.xml"
 
 section ops 150 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py bench/test_bench_dropin.py \
+  bench/test_bench_matching.py \
   --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,iqr
 
 if have_diffusers; then

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 #include "attention_cpu.h"
 #include "matching_cpu.h"
+#include "chunks.h"
 #include <torch/csrc/autograd/functions/utils.h>
 #include <ATen/Parallel.h>
 
@@ -23,26 +24,14 @@
 
 namespace {
 
-constexpr int64_t CHUNK = 8192;
+using fastgrpo_cpu::CHUNK;
+using fastgrpo_cpu::for_each_chunk;
 
 // One sample's step: mean = cx * x_t + ce * guided; prev = mean + std * noise;
 // log p = -scale * precision * sum((prev - mean)^2) + offset, offset = log_norm * (N for sum, 1 for mean).
 struct Row {
   double cx, ce, std, precision, offset;
 };
-
-// Runs fn(job, row, begin, end) for each fixed chunk of each row, in parallel; jobs are row-major.
-template <typename Fn>
-void for_each_chunk(int64_t batch, int64_t n, const Fn& fn) {
-  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t job = lo; job < hi; ++job) {
-      const int64_t row = job / chunks;
-      const int64_t begin = row * n + (job % chunks) * CHUNK;
-      fn(job, row, begin, std::min(begin + CHUNK, (row + 1) * n));
-    }
-  });
-}
 
 std::vector<Row> all_rows(const at::Tensor& table, int64_t batch, double count) {
   TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kDouble && table.dim() == 2 &&

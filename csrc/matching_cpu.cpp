@@ -12,8 +12,7 @@
 // depend on the thread count.
 
 #include "matching_cpu.h"
-
-#include <ATen/Parallel.h>
+#include "chunks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,19 +20,8 @@
 
 namespace {
 
-constexpr int64_t CHUNK = 8192;
-
-template <typename Fn>
-void for_each_chunk(int64_t batch, int64_t n, const Fn& fn) {
-  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t job = lo; job < hi; ++job) {
-      const int64_t row = job / chunks;
-      const int64_t begin = row * n + (job % chunks) * CHUNK;
-      fn(job, row, begin, std::min(begin + CHUNK, (row + 1) * n));
-    }
-  });
-}
+using fastgrpo_cpu::CHUNK;
+using fastgrpo_cpu::for_each_chunk;
 
 // Sums of (guided - target)^2 and (guided - ref)^2 over [begin, end).
 template <typename T, bool HAS_UNCOND, bool HAS_REF>
@@ -81,10 +69,15 @@ void with_two_flags(bool a, bool b, const Fn& fn) {
   else fn(std::false_type{}, std::false_type{});
 }
 
-void check(const at::Tensor& like, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
-              "fastgrpo cpu matching_loss: ", name, " must be a contiguous CPU tensor of the predictions' dtype");
+// Every given tensor (optional ones may be absent) is a contiguous CPU tensor of the predictions' dtype.
+void check(const at::Tensor& like, std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(!t || (t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == like.scalar_type()),
+                "fastgrpo cpu matching_loss: inputs must be contiguous CPU tensors of the predictions' dtype");
+  }
 }
+
+const at::Tensor* maybe(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 }  // namespace
 
@@ -92,12 +85,7 @@ std::vector<at::Tensor> matching_loss_forward(const at::Tensor& cond, const c10:
                                               const at::Tensor& target, const c10::optional<at::Tensor>& ref,
                                               const at::Tensor& advantages, const c10::optional<at::Tensor>& old,
                                               double guidance, double clip_low, double clip_high, double kl_coef) {
-  check(cond, cond, "cond");
-  check(cond, target, "target");
-  check(cond, advantages, "advantages");
-  if (uncond.has_value()) check(cond, *uncond, "uncond");
-  if (ref.has_value()) check(cond, *ref, "ref");
-  if (old.has_value()) check(cond, *old, "old");
+  check(cond, {&cond, &target, &advantages, maybe(uncond), maybe(ref), maybe(old)});
   const int64_t batch = cond.size(0);
   TORCH_CHECK(batch > 0 && advantages.numel() == batch, "fastgrpo cpu matching_loss: advantages must be (B,)");
   const int64_t n = cond.numel() / batch;
@@ -159,11 +147,7 @@ std::vector<at::Tensor> matching_loss_backward(const at::Tensor& grad_loss, cons
                                                const c10::optional<at::Tensor>& uncond, const at::Tensor& target,
                                                const c10::optional<at::Tensor>& ref, const at::Tensor& rows,
                                                double guidance, double kl_coef, bool needs_cond, bool needs_uncond) {
-  check(cond, target, "target");
-  check(cond, rows, "rows");
-  check(cond, grad_loss, "grad_loss");
-  if (uncond.has_value()) check(cond, *uncond, "uncond");
-  if (ref.has_value()) check(cond, *ref, "ref");
+  check(cond, {&cond, &target, &rows, &grad_loss, maybe(uncond), maybe(ref)});
   const int64_t batch = cond.size(0);
   const int64_t n = cond.numel() / batch;
   const bool has_uncond = uncond.has_value();

@@ -2,8 +2,9 @@
 `fastgrpo train --config experiments/NAME`) and, once run, its evaluation (`fastgrpo eval RUN`'s report.json) copied
 to `docs/experiments/results/NAME-seedS.json` with `python -m fastgrpo.experiments record NAME RUN_DIR`.
 
-`python -m fastgrpo.experiments table` renders the results table of `docs/experiments/README.md` from those files;
-tests/test_experiments.py checks that the committed table is what the committed results render to.
+`python -m fastgrpo.experiments table` renders the results table of `docs/experiments/README.md` and the README's
+objectives table from those files; tests/test_experiments.py checks that the committed tables are what the
+committed results render to.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "experiments" / "results"
 TABLE_DOC = REPO / "docs" / "experiments" / "README.md"
+README = REPO / "README.md"
+# the README's table: one row per objective (and sampler) on the embedded default's world and recipe
+README_EXPERIMENTS = ("colour_ddpo", "colour_ddpo_window", "colour_awm", "colour_awm_guided")
 CONFIGS = Path(__file__).parent / "configs" / "experiments"
 BEGIN, END = "<!-- results table: python -m fastgrpo.experiments table -->", "<!-- end of results table -->"
 METRICS = (("unsafe_rate", "unsafe", "relative"), ("ood_unsafe_rate", "OOD unsafe", "relative"),
@@ -38,12 +42,16 @@ def describe(name: str) -> str:
     return ""
 
 
-def render_table(results_dir: Path = RESULTS) -> str:
-    """One row per recorded (experiment, seed): base -> trained for each metric, then its change."""
+def render_table(results_dir: Path = RESULTS, only: tuple[str, ...] | None = None) -> str:
+    """One row per recorded (experiment, seed): base -> trained for each metric, then its change; `only`: these
+    experiments, in this order."""
     rows = ["| experiment | seed | epochs | " + " | ".join(label for _, label, _ in METRICS) + " | what it changes |",
             "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
-    for path in sorted(results_dir.glob("*.json")):
-        record = json.loads(path.read_text(encoding="utf-8"))
+    records = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(results_dir.glob("*.json"))]
+    if only is not None:
+        records = sorted((r for r in records if r["experiment"] in only),
+                         key=lambda r: (only.index(r["experiment"]), r["seed"]))
+    for record in records:
         cells = []
         for key, _, kind in METRICS:
             base, trained = record["report"][key]["base"], record["report"][key]["trained"]
@@ -53,11 +61,11 @@ def render_table(results_dir: Path = RESULTS) -> str:
     return "\n".join(rows) + "\n"
 
 
-def render_doc(text: str) -> str:
+def render_doc(text: str, only: tuple[str, ...] | None = None) -> str:
     """The document with its table section replaced by a freshly rendered table."""
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{render_table()}{END}{tail}"
+    return f"{head}{BEGIN}\n{render_table(only=only)}{END}{tail}"
 
 
 def record(name: str, run_dir: Path) -> Path:
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "record":
         print(record(args.name, args.run_dir))
     TABLE_DOC.write_text(render_doc(TABLE_DOC.read_text(encoding="utf-8")), encoding="utf-8")
+    README.write_text(render_doc(README.read_text(encoding="utf-8"), README_EXPERIMENTS), encoding="utf-8")
     return 0
 
 

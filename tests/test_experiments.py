@@ -25,6 +25,9 @@ def test_every_experiment_config_loads_and_every_result_names_one():
 def test_committed_table_matches_the_committed_results():
     text = experiments.TABLE_DOC.read_text(encoding="utf-8")
     assert text == experiments.render_doc(text), "docs/experiments/README.md is stale: python -m fastgrpo.experiments table"
+    readme = experiments.README.read_text(encoding="utf-8")
+    assert readme == experiments.render_doc(readme, experiments.README_EXPERIMENTS), \
+        "README.md's results table is stale: python -m fastgrpo.experiments table"
 
 
 def test_table_rows_show_the_change_the_report_holds(tmp_path):

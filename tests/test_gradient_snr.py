@@ -43,15 +43,17 @@ def test_pure_noise_has_no_signal_and_the_same_direction_has_no_noise():
 
 
 @pytest.mark.slow
-def test_epoch_gradient_is_the_direction_of_the_trainers_first_update(tmp_path):
+@pytest.mark.parametrize("objective", [[], ["train.objective=awm", "train.matching_draws=2"]])
+def test_epoch_gradient_is_the_direction_of_the_trainers_first_update(tmp_path, objective):
     """Adam's first step moves every weight by -lr * sign(grad): the smoke run's first update (one optimiser step
-    over the whole epoch) must have the sign of the diagnostic's epoch-0 gradient wherever that is not tiny."""
+    over the whole epoch) must have the sign of the diagnostic's epoch-0 gradient wherever that is not tiny, for
+    each objective (the diagnostic runs the trainer's own epoch pipeline and loss)."""
     from fastgrpo import cli
     from fastgrpo.checkpoint import list_checkpoints, load_unet
     from fastgrpo.models import load_diffusion_models
 
     overrides = [f"run.output_dir={tmp_path / 'run'}", "run.epochs=1", "run.progress=false", "run.tensorboard=false",
-                 "train.weight_decay=0", "train.max_grad_norm=0", "train.samples_per_step=16"]
+                 "train.weight_decay=0", "train.max_grad_norm=0", "train.samples_per_step=16", *objective]
     gradients = gradient_snr.epoch_gradients(load_config("smoke", overrides), epochs=3)
     assert set(gradients) == {"unsafe", "safe", "all"}
     assert torch.equal(gradients["all"], gradients["unsafe"] + gradients["safe"])

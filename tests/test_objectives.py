@@ -16,7 +16,7 @@ from fastgrpo.errors import ConfigError
 from fastgrpo.models import encode_prompts, load_diffusion_models
 from fastgrpo.objectives.awm import draw_matching, noised_inputs
 from fastgrpo.train import train
-from test_train_e2e import read_metrics, run_cli, unet_weights
+from test_train_e2e import read_metrics, run_cli, straight_and_resumed, unet_weights
 
 CPU = torch.device("cpu")
 
@@ -137,10 +137,7 @@ def test_first_optimiser_step_is_on_policy_and_training_moves_the_unet(tiny_over
 def test_awm_resume_equals_uninterrupted(tiny_overrides, tmp_path):
     common = tiny_overrides + ["train.objective=awm", "run.save_every=1", "run.num_sample_images=0", "run.epochs=3",
                                "train.num_inner_epochs=2"]
-    straight = train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'straight'}"]))
-    interrupted = tmp_path / "interrupted"
-    train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.epochs=2"]))
-    resumed = train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
+    straight, resumed = straight_and_resumed(common, tmp_path)
     a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
     assert all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
 

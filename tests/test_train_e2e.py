@@ -71,20 +71,25 @@ def test_two_epochs_train_log_and_checkpoint(tiny_overrides, tiny_pipeline_dir):
     assert image.shape == (16, 16, 3)
 
 
-def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
-    common = tiny_overrides + ["run.save_every=1", "run.num_sample_images=0", "train.timestep_fraction=0.5",
-                               "run.epochs=3"]
+def straight_and_resumed(common: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The run of `common` (3 epochs) straight through, and the same run stopped after 2 epochs and resumed."""
     straight = train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'straight'}"]))
     interrupted = tmp_path / "interrupted"
     train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.epochs=2"]))
-    resumed = train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
+    return straight, train(load_config("smoke", common + [f"run.output_dir={interrupted}", "run.resume=latest"]))
+
+
+def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
+    common = tiny_overrides + ["run.save_every=1", "run.num_sample_images=0", "train.timestep_fraction=0.5",
+                               "run.epochs=3"]
+    straight, resumed = straight_and_resumed(common, tmp_path)
     a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
     # timings differ; the memory lines are the first run's, once
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
     assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
     # resuming from an explicit directory works too
-    explicit = list_checkpoints(interrupted)[0][1]
+    explicit = list_checkpoints(resumed)[0][1]
     train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'other'}", f"run.resume={explicit}"]))
 
 

@@ -249,6 +249,15 @@ def _group_ids(rewards, group_size):
     return torch.arange(rewards.shape[0], device=rewards.device) // int(group_size)
 
 
+def _ratio_stats(log_ratio, ratio, low, high) -> dict[str, torch.Tensor]:
+    """Detached statistics of a clipped ratio: approx_kl (0.5 mean(log_ratio^2)), clipfrac (outside [low, high]),
+    ratio_mean, ratio_min, ratio_max."""
+    log_ratio, ratio = log_ratio.detach(), ratio.detach()
+    outside = (ratio < low) | (ratio > high)
+    return {"approx_kl": 0.5 * (log_ratio ** 2).mean(), "clipfrac": outside.to(ratio.dtype).mean(),
+            "ratio_mean": ratio.mean(), "ratio_min": ratio.min(), "ratio_max": ratio.max()}
+
+
 def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs=None, kl_coef=0.0,
               clip_range_high=None, ratio_bias=None, ratio_scale=None, weights=None):
     """PPO clipped-ratio loss (mean over the M entries) plus an optional KL-to-reference penalty.
@@ -282,13 +291,7 @@ def grpo_loss(log_probs, old_log_probs, advantages, *, clip_range, ref_log_probs
     clipped = -advantages * torch.clamp(ratio, low, high)
     terms = torch.maximum(unclipped, clipped)
     loss = (terms if weights is None else terms * weights).mean()
-    stats = {
-        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
-        "clipfrac": ((ratio.detach() < low) | (ratio.detach() > high)).to(dtype).mean(),
-        "ratio_mean": ratio.detach().mean(),
-        "ratio_min": ratio.detach().min(),
-        "ratio_max": ratio.detach().max(),
-    }
+    stats = _ratio_stats(log_ratio, ratio, low, high)
     if ref_log_probs is not None:
         delta = ref_log_probs - log_probs
         kl = (torch.exp(delta) - delta - 1.0).mean()
@@ -330,13 +333,7 @@ def matching_loss(prediction, target, advantages, *, clip_range, old_surrogates=
     low, high = 1.0 - clip_range, 1.0 + (clip_range if clip_range_high is None else clip_range_high)
     terms = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, low, high))
     loss = terms.mean()
-    stats = {
-        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
-        "clipfrac": ((ratio.detach() < low) | (ratio.detach() > high)).to(dtype).mean(),
-        "ratio_mean": ratio.detach().mean(),
-        "ratio_min": ratio.detach().min(),
-        "ratio_max": ratio.detach().max(),
-    }
+    stats = _ratio_stats(log_ratio, ratio, low, high)
     if reference_prediction is not None:
         kl = _reduce((guided - reference_prediction) ** 2, "mean").mean()
         loss = loss + kl_coef * kl

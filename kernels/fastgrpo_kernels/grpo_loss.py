@@ -34,6 +34,28 @@ def _log_ratio(logp, old_ptr, bias_ptr, scale_ptr, offs, mask, NORMALISED: tl.co
 
 
 @triton.jit
+def stat_accumulators(SIZE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Vector accumulators of the loss statistics: (loss, log_ratio^2, clipped, ratio sum, ratio min, ratio max, kl)."""
+    zeros = tl.zeros((SIZE,), dtype=COMPUTE)
+    return (zeros, zeros, zeros, zeros, tl.full((SIZE,), float("inf"), dtype=COMPUTE),
+            tl.full((SIZE,), float("-inf"), dtype=COMPUTE), zeros)
+
+
+@triton.jit
+def store_stats(stats_ptr, loss, sq_log_ratio, clipped, ratio_sum, ratio_min, ratio_max, kl, n, kl_coef):
+    """Reduce the accumulators over n entries into [loss, approx_kl, clipfrac, ratio_mean, ratio_min, ratio_max, kl];
+    the loss includes kl_coef * mean kl."""
+    kl_mean = tl.sum(kl, axis=0) / n
+    tl.store(stats_ptr + 0, tl.sum(loss, axis=0) / n + kl_coef * kl_mean)
+    tl.store(stats_ptr + 1, 0.5 * tl.sum(sq_log_ratio, axis=0) / n)
+    tl.store(stats_ptr + 2, tl.sum(clipped, axis=0) / n)
+    tl.store(stats_ptr + 3, tl.sum(ratio_sum, axis=0) / n)
+    tl.store(stats_ptr + 4, tl.min(ratio_min, axis=0))
+    tl.store(stats_ptr + 5, tl.max(ratio_max, axis=0))
+    tl.store(stats_ptr + 6, kl_mean)
+
+
+@triton.jit
 def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, bias_ptr, scale_ptr, weight_ptr, stats_ptr, n,
                           clip_low, clip_high, kl_coef, params_ptr, HAS_REF: tl.constexpr, NORMALISED: tl.constexpr,
                           HAS_WEIGHT: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr,
@@ -42,13 +64,7 @@ def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, bias_ptr, scale_p
         clip_low = tl.load(params_ptr)
         clip_high = tl.load(params_ptr + 1)
         kl_coef = tl.load(params_ptr + 2)
-    loss = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
-    sq_log_ratio = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
-    clipped = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
-    ratio_sum = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
-    ratio_min = tl.full((BLOCK_SIZE,), float("inf"), dtype=COMPUTE)
-    ratio_max = tl.full((BLOCK_SIZE,), float("-inf"), dtype=COMPUTE)
-    kl = tl.zeros((BLOCK_SIZE,), dtype=COMPUTE)
+    loss, sq_log_ratio, clipped, ratio_sum, ratio_min, ratio_max, kl = stat_accumulators(BLOCK_SIZE, COMPUTE)
     for start in range(0, n, BLOCK_SIZE):
         offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
         mask = offs < n
@@ -70,14 +86,7 @@ def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, bias_ptr, scale_p
         if HAS_REF:
             delta = tl.load(ref_ptr + offs, mask=mask, other=0.0).to(COMPUTE) - logp
             kl += tl.where(mask, tl.exp(delta) - delta - 1.0, 0.0)
-    kl_mean = tl.sum(kl, axis=0) / n
-    tl.store(stats_ptr + 0, tl.sum(loss, axis=0) / n + kl_coef * kl_mean)
-    tl.store(stats_ptr + 1, 0.5 * tl.sum(sq_log_ratio, axis=0) / n)
-    tl.store(stats_ptr + 2, tl.sum(clipped, axis=0) / n)
-    tl.store(stats_ptr + 3, tl.sum(ratio_sum, axis=0) / n)
-    tl.store(stats_ptr + 4, tl.min(ratio_min, axis=0))
-    tl.store(stats_ptr + 5, tl.max(ratio_max, axis=0))
-    tl.store(stats_ptr + 6, kl_mean)
+    store_stats(stats_ptr, loss, sq_log_ratio, clipped, ratio_sum, ratio_min, ratio_max, kl, n, kl_coef)
 
 
 @triton.jit

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrpo_kernels.step_logprob import _row_counters, launch, scalar_params
+from fastgrpo_kernels.grpo_loss import stat_accumulators, store_stats
+from fastgrpo_kernels.step_logprob import _row_counters, _rows, launch, scalar_params, store_guided_grads
 
 BLOCK = 1024        # elements per program
 ROW_BLOCK = 128     # rows per iteration of the final reduction
@@ -101,13 +102,7 @@ def _matching_fwd_kernel(
         tl.store(counter_ptr + row, 0)  # every program of this row has arrived: ready for the next launch
         if tl.atomic_add(counter_ptr + batch, 1) == batch - 1:  # last row: the statistics, in row order
             r = tl.arange(0, ROW_BLOCK_SIZE)
-            loss = tl.zeros((ROW_BLOCK_SIZE,), dtype=COMPUTE)
-            sq = tl.zeros((ROW_BLOCK_SIZE,), dtype=COMPUTE)
-            out = tl.zeros((ROW_BLOCK_SIZE,), dtype=COMPUTE)
-            ratio_sum = tl.zeros((ROW_BLOCK_SIZE,), dtype=COMPUTE)
-            kl_sum = tl.zeros((ROW_BLOCK_SIZE,), dtype=COMPUTE)
-            ratio_min = tl.full((ROW_BLOCK_SIZE,), float("inf"), dtype=COMPUTE)
-            ratio_max = tl.full((ROW_BLOCK_SIZE,), float("-inf"), dtype=COMPUTE)
+            loss, sq, out, ratio_sum, ratio_min, ratio_max, kl_sum = stat_accumulators(ROW_BLOCK_SIZE, COMPUTE)
             for start in range(0, batch, ROW_BLOCK_SIZE):
                 rows = start + r
                 valid = rows < batch
@@ -119,14 +114,7 @@ def _matching_fwd_kernel(
                 ratio_min = tl.minimum(ratio_min, tl.where(valid, ratios, float("inf")))
                 ratio_max = tl.maximum(ratio_max, tl.where(valid, ratios, float("-inf")))
                 kl_sum += tl.load(rows_ptr + rows * 3 + 2, mask=valid, other=0.0, volatile=True)
-            mean_kl = tl.sum(kl_sum, axis=0) / batch
-            tl.store(stats_ptr, tl.sum(loss, axis=0) / batch + kl_coef * mean_kl)
-            tl.store(stats_ptr + 1, 0.5 * tl.sum(sq, axis=0) / batch)
-            tl.store(stats_ptr + 2, tl.sum(out, axis=0) / batch)
-            tl.store(stats_ptr + 3, tl.sum(ratio_sum, axis=0) / batch)
-            tl.store(stats_ptr + 4, tl.min(ratio_min, axis=0))
-            tl.store(stats_ptr + 5, tl.max(ratio_max, axis=0))
-            tl.store(stats_ptr + 6, mean_kl)
+            store_stats(stats_ptr, loss, sq, out, ratio_sum, ratio_min, ratio_max, kl_sum, batch, kl_coef)
             tl.store(counter_ptr + batch, 0)
 
 
@@ -151,21 +139,12 @@ def _matching_bwd_kernel(
     if HAS_REF:
         f_ref = upstream * kl_coef / batch * 2.0 / n_elements
         d_guided += f_ref * (guided - tl.load(ref_ptr + offs, mask=mask, other=0.0).to(COMPUTE))
-    if GRAD_COND:
-        if HAS_UNCOND:
-            tl.store(grad_cond_ptr + offs, guidance * d_guided, mask=mask)
-        else:
-            tl.store(grad_cond_ptr + offs, d_guided, mask=mask)
-    if GRAD_UNCOND:
-        tl.store(grad_uncond_ptr + offs, (1.0 - guidance) * d_guided, mask=mask)
+    store_guided_grads(grad_cond_ptr, grad_uncond_ptr, offs, mask, d_guided, guidance, HAS_UNCOND, GRAD_COND,
+                       GRAD_UNCOND)
 
 
 def _compute(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _rows(tensor):
-    return None if tensor is None else tensor.reshape(tensor.shape[0], -1).contiguous()
 
 
 def matching_loss_forward(cond, uncond, target, ref, advantages, old, *, guidance: float, clip_low: float,

@@ -90,6 +90,19 @@ def _step_logprob_fwd_kernel(
 
 
 @triton.jit
+def store_guided_grads(grad_cond_ptr, grad_uncond_ptr, offs, mask, d_guided, guidance, HAS_UNCOND: tl.constexpr,
+                       GRAD_COND: tl.constexpr, GRAD_UNCOND: tl.constexpr):
+    """Store d/d cond and d/d uncond of guided = uncond + g (cond - uncond) (guided = cond without CFG)."""
+    if GRAD_COND:
+        if HAS_UNCOND:
+            tl.store(grad_cond_ptr + offs, guidance * d_guided, mask=mask)
+        else:
+            tl.store(grad_cond_ptr + offs, d_guided, mask=mask)
+    if GRAD_UNCOND:
+        tl.store(grad_uncond_ptr + offs, (1.0 - guidance) * d_guided, mask=mask)
+
+
+@triton.jit
 def _step_logprob_bwd_kernel(
     grad_out_ptr, residual_ptr, table_ptr,
     grad_cond_ptr, grad_uncond_ptr, grad_sample_ptr, grad_prev_ptr,
@@ -109,14 +122,8 @@ def _step_logprob_bwd_kernel(
     # d logp / d mean = grad_out * scale * 2 precision * (prev - mean)
     factor = tl.load(grad_out_ptr + row * grad_out_stride).to(COMPUTE) * scale * 2.0 * precision
     d_mean = factor * tl.load(residual_ptr + offs, mask=mask)
-    d_guided = d_mean * coef_e
-    if GRAD_COND:
-        if HAS_UNCOND:
-            tl.store(grad_cond_ptr + offs, guidance * d_guided, mask=mask)
-        else:
-            tl.store(grad_cond_ptr + offs, d_guided, mask=mask)
-    if GRAD_UNCOND:
-        tl.store(grad_uncond_ptr + offs, (1.0 - guidance) * d_guided, mask=mask)
+    store_guided_grads(grad_cond_ptr, grad_uncond_ptr, offs, mask, d_mean * coef_e, guidance, HAS_UNCOND, GRAD_COND,
+                       GRAD_UNCOND)
     if GRAD_SAMPLE:
         tl.store(grad_sample_ptr + offs, d_mean * coef_x, mask=mask)
     if GRAD_PREV:
