@@ -83,7 +83,8 @@ class EpochSamples:
         return [self.batch.prompts[i] for i in self.batch.sample_prompt[self.sample_ids].tolist()]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device (CUDA) so wall times cover the work; a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -98,14 +99,14 @@ def collect_epoch(s, epoch: int) -> EpochSamples:
     trajectories = sample_trajectories(s.unet, s.models.vae, s.schedule, batch.prompt_embeds, s.uncond_embed,
                                        batch.sample_prompt[sample_ids], batch.shard.order, s.guidance, s.rollout,
                                        epoch, batch.stochastic)
-    _sync(s.device)
+    sync_device(s.device)
     t1 = time.perf_counter()
     local_rewards = s.reward(trajectories.images, batch.prompts, trajectories.prompt_index)
     rewards = gather_rewards(s, sample_ids, local_rewards, batch.sample_prompt.shape[0])        # (N,)
     if not bool(torch.isfinite(rewards).all()):
         raise NonFiniteError(f"{int((~torch.isfinite(rewards)).sum())} of {rewards.shape[0]} rewards are not finite "
                              "(check the reward model and the images)")
-    _sync(s.device)
+    sync_device(s.device)
     t = s.config.train
     advantages, keep = epoch_advantages(rewards, s.config.sample.group_size, std=t.adv_std, clip=t.adv_clip_max,
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)

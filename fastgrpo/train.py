@@ -27,7 +27,7 @@ from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_
 from fastgrpo.devices import configure_cuda_math, resolve_device
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, SdeWindow
 from fastgrpo.engine import SingleProcessEngine
-from fastgrpo.epoch import EpochSamples, _sync, collect_epoch, gather_rewards  # noqa: F401 (gather_rewards: API)
+from fastgrpo.epoch import EpochSamples, collect_epoch, gather_rewards, sync_device  # noqa: F401 (gather_rewards: API)
 from fastgrpo.errors import NonFiniteError, TrainingInterrupted
 from fastgrpo.lora import add_lora, load_lora, save_lora
 from fastgrpo.grpo import UpdatePlan, group_kind_stats, policy_update
@@ -197,7 +197,7 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, i
     for stats in update_epoch(s, samples):
         global_step += 1
         writer.log({"epoch": epoch, "step": global_step, **stats}, kind="train")
-    _sync(s.device)
+    sync_device(s.device)
     t3 = time.perf_counter()
     rewards, advantages, is_unsafe = samples.rewards, samples.advantages, samples.batch.is_unsafe
     record = {"epoch": epoch, "step": global_step, "reward_mean": float(rewards.mean()),
