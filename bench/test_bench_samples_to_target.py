@@ -16,6 +16,7 @@ import json
 
 import pytest
 
+from fastgrpo.commandline import epoch_hooks
 from fastgrpo.config import load_config
 from fastgrpo.train import train
 
@@ -57,7 +58,7 @@ def test_samples_to_target_on_the_same_seeds(benchmark, tmp_path):
                                                         f"run.output_dir={tmp_path / f'{name}-{seed}'}",
                                                         "run.progress=false", "run.tensorboard=false",
                                                         "run.num_sample_images=0", "run.save_every=1000"])
-                run = train(config)
+                run = train(config, epoch_hooks(config))
                 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                 epochs = [r for r in records if "judged_unsafe_rate" in r]
                 samples = config.sample.prompts_per_epoch * config.sample.group_size

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastgrpo.commandline import add_config_arguments, add_train_arguments, config_from_args, run_command
+from fastgrpo.commandline import (add_config_arguments, add_train_arguments, config_from_args, epoch_hooks,
+                                  run_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,7 @@ def _run(args) -> int:
         sys.stdout.write(render_yaml(config))
         return 0
     from fastgrpo.train import run_from_config
-    return run_from_config(config)
+    return run_from_config(config, epoch_hooks(config))
 
 
 def main(argv: list[str] | None = None) -> int:

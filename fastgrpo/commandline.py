@@ -30,6 +30,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DeepSpeed JSON config (same as engine.deepspeed=FILE)")
 
 
+def epoch_hooks(config) -> list:
+    """What a training command adds to the epoch lines: a packaged toy-world model's pixel judge."""
+    from fastgrpo.toyworld.monitor import judge_hooks
+
+    return judge_hooks(config.model.pretrained)
+
+
 def config_from_args(args):
     """The validated Config of parsed config arguments (ConfigError, one line, when it is not valid)."""
     from fastgrpo.config import load_config

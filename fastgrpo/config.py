@@ -99,6 +99,10 @@ class TrainConfig:
     matching_prediction: str = doc("awm: the prediction the surrogate scores: 'conditional' (one UNet call) or "
                                    "'guided' (classifier-free guidance at sample.guidance_scale, as sampled)",
                                    "conditional", choices=("conditional", "guided"))
+    matching_noise: str = doc("awm: who shares the (timestep, noise) draws: 'sample' (each sample its own) or "
+                              "'group' (the samples of a prompt's group share theirs: common random numbers, so "
+                              "what a draw adds regardless of the image cancels under zero-sum advantages)",
+                              "sample", choices=("sample", "group"))
     learning_rate: float = doc("AdamW peak learning rate", 1e-5)
     adam_beta1: float = doc("AdamW beta1", 0.9)
     adam_beta2: float = doc("AdamW beta2", 0.999)

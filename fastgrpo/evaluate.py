@@ -86,14 +86,9 @@ def generate(policies: Policies, unet: torch.nn.Module, prompts: list[str], *, s
 
 def toy_world_of(config: Config):
     """The toy world (`fastgrpo.toyworld.ToyWorld`) whose packaged model the run trains, or None."""
-    from fastgrpo.toyworld import WORLDS, builtin_world
+    from fastgrpo.toyworld import world_of
 
-    pretrained = config.model.pretrained
-    path = Path(pretrained).expanduser()
-    if builtin_world(pretrained) is not None or not path.is_dir():
-        return builtin_world(pretrained)
-    return next((toy for toy in WORLDS.values() if (toy.directory / "pipeline").is_dir()
-                 and path.resolve() == (toy.directory / "pipeline").resolve()), None)
+    return world_of(config.model.pretrained)
 
 
 def evaluate(run_dir: str | Path, *, samples_per_prompt: int = 4, seed: int = 1234, device: str = "auto",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fastgrpo import builtin
 from fastgrpo.errors import ModelLoadError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -39,12 +40,10 @@ class DiffusionModels:
 def resolve_pretrained(pretrained: str) -> str:
     """'builtin:tiny-random' -> the cached tiny random pipeline, 'builtin:<toy world>' (toyworld, toyworld-spots,
     ...) -> a packaged toy world's model; a path is checked; other strings are hub ids."""
-    if pretrained == "builtin:tiny-random":
-        from fastgrpo.tiny import tiny_random_dir
-        return str(tiny_random_dir() / "pipeline")
-    from fastgrpo.toyworld import builtin_world
-    if builtin_world(pretrained) is not None:
-        return str(builtin_world(pretrained).directory / "pipeline")
+    if pretrained.startswith(builtin.PREFIX):
+        if not builtin.is_builtin_model(pretrained):
+            raise ModelLoadError(f"model.pretrained: {builtin.unknown_builtin(pretrained)}")
+        return str(builtin.pipeline_dir(pretrained))
     path = Path(pretrained).expanduser()
     looks_like_path = path.is_absolute() or pretrained.startswith((".", "~")) or path.exists() \
         or pretrained.count("/") != 1

@@ -5,28 +5,18 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from fastgrpo.builtin import asset_path
 from fastgrpo.errors import DataError
 from fastgrpo.rng import generator
-
-ASSET_DIR = Path(__file__).parent / "assets"
-
-
-def resolve_asset(path: str) -> Path:
-    """'builtin:NAME' -> the packaged asset NAME; anything else is a filesystem path."""
-    if path.startswith("builtin:"):
-        return ASSET_DIR / path.removeprefix("builtin:")
-    return Path(path).expanduser()
-
 
 def read_prompt_rows(source: str, column: str = "prompt") -> list[dict[str, str]]:
     """Rows of a .txt (one prompt per line: {column: line}) or a .csv (its header's columns), rows whose `column` is
     blank dropped, values stripped. DataError when the file is missing, not UTF-8, lacks the column or holds no
     prompts."""
-    path = resolve_asset(source)
+    path = asset_path(source)
     if path.is_dir():
         raise DataError(f"prompt file {source!r} is a directory, not a .txt or .csv file")
     if not path.is_file():

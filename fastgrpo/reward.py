@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastgrpo import builtin
 from fastgrpo.errors import ModelLoadError
 
 
@@ -193,17 +194,12 @@ def load_steering_reward(config, device: torch.device, dtype: torch.dtype = torc
 
 def load_clip_reward(config, device: torch.device, dtype: torch.dtype = torch.float32, **settings) -> SteeringReward:
     """The RewardConfig's CLIP model as a SteeringReward; `settings` replace the config's alpha, mode, anchors."""
-    from fastgrpo.toyworld import builtin_world
-
     clip_model, checkpoint = config.clip_model, config.clip_checkpoint
-    if clip_model == "builtin:tiny-random":
-        from fastgrpo.tiny import tiny_random_dir
-        clip_model = str(tiny_random_dir() / "clip" / "tiny-clip.json")
-        checkpoint = checkpoint or str(tiny_random_dir() / "clip" / "tiny-clip.pt")
-    elif builtin_world(clip_model) is not None:
-        directory = builtin_world(clip_model).directory / "clip"
-        clip_model = str(directory / "toyworld-clip.json")
-        checkpoint = checkpoint or str(directory / "toyworld-clip.safetensors")
+    if clip_model.startswith(builtin.PREFIX):
+        if not builtin.is_builtin_model(clip_model):
+            raise ModelLoadError(f"reward.clip_model: {builtin.unknown_builtin(clip_model)}")
+        packaged_config, packaged_weights = builtin.clip_files(clip_model)
+        clip_model, checkpoint = str(packaged_config), checkpoint or str(packaged_weights)
     model, tokenizer = load_open_clip(clip_model, checkpoint, device)
     model.to(dtype)
     chosen = {"alpha": config.alpha, "mode": config.mode, "safe_anchors": config.safe_anchors,

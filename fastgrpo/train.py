@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,6 +40,8 @@ from fastgrpo.rewards import Reward, load_reward
 from fastgrpo.rng import generator
 from fastgrpo.rundir import claim_run_dir
 
+EpochHook = Callable[[EpochSamples], dict]  # an epoch's samples -> keys added to its metrics.jsonl epoch line
+
 
 @dataclass
 class Session:
@@ -59,7 +61,7 @@ class Session:
     output_dir: Path
     objective: object              # fastgrpo.objectives: what the rollout keeps and how a micro-batch's loss is made
     window: SdeWindow | None       # sample.sde_window_*: the steps that are stochastic (None: every step)
-    judge: Callable | None = None  # (images, prompts, is_unsafe) -> judged rates, for toy-world runs
+    epoch_hooks: tuple[EpochHook, ...] = ()  # each adds its keys to the epoch line (the toy worlds' pixel judge)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -96,7 +98,7 @@ def _build_engine(config: Config, unet: torch.nn.Module, world_size: int, device
     return DeepSpeedEngine(unet, t, ds_config, micro_batches, device)
 
 
-def prepare(config: Config) -> tuple[Session, int, int]:
+def prepare(config: Config, epoch_hooks: Sequence[EpochHook] = ()) -> tuple[Session, int, int]:
     """Check inputs (before any model loads), load models, restore a checkpoint. Returns (session, epoch, step)."""
     run, data = config.run, config.data
     output_dir = Path(run.output_dir)
@@ -152,19 +154,8 @@ def prepare(config: Config) -> tuple[Session, int, int]:
         uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, objective=build_objective(config),
         window=SdeWindow(sample.sde_window_size, sample.sde_window_start, sample.sde_window_schedule,
                          sample.sde_window_shift_every) if sample.sde_window_size else None,
-        judge=_toyworld_judge(config))
+        epoch_hooks=tuple(epoch_hooks))
     return session, start_epoch, global_step
-
-
-def _toyworld_judge(config: Config):
-    """The toy world's pixel judge for the epoch lines, when the run trains a packaged toy-world model."""
-    from fastgrpo.toyworld import builtin_world
-
-    toy = builtin_world(config.model.pretrained)
-    if toy is None:
-        return None
-    from fastgrpo.toyworld.monitor import EpochJudge
-    return EpochJudge(toy)
 
 
 def update_epoch(s: Session, samples: EpochSamples):
@@ -206,8 +197,8 @@ def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, i
               "num_trained_samples": int(samples.keep.sum()), "rollout_s": samples.rollout_s,
               "reward_s": samples.reward_s, "train_s": t3 - t2,
               **group_kind_stats(rewards, advantages, is_unsafe, s.config.sample.group_size)}
-    if s.judge is not None:  # toy world: the pixel judge's verdicts on this rank's samples
-        record.update(s.judge(samples.trajectories.images, samples.row_prompts(), samples.rows(is_unsafe)))
+    for hook in s.epoch_hooks:
+        record.update(hook(samples))
     writer.log(record, kind="epoch")
     if s.config.run.num_sample_images and s.engine.is_main:
         order = samples.sample_ids.argsort()[:s.config.run.num_sample_images]   # this rank's samples, by global id
@@ -241,21 +232,22 @@ class _NoWriter:
         pass
 
 
-def train(config: Config) -> Path:
-    """Run (or resume) training as configured; returns the output directory."""
+def train(config: Config, epoch_hooks: Sequence[EpochHook] = ()) -> Path:
+    """Run (or resume) training as configured; returns the output directory. `epoch_hooks` add keys to each epoch
+    line (the command line passes `fastgrpo.commandline.epoch_hooks(config)`)."""
     run = config.run
     with claim_run_dir(run.output_dir, resume=run.resume, overwrite=run.overwrite,
                        main_process=os.environ.get("RANK", "0") == "0"):
         try:
-            return _train(config)
+            return _train(config, epoch_hooks)
         except KeyboardInterrupt:
             saved = list_checkpoints(run.output_dir)
             raise TrainingInterrupted(f"the newest checkpoint is {saved[-1][1]} (resume with run.resume=latest)"
                                       if saved else "no checkpoint had been saved yet") from None
 
 
-def _train(config: Config) -> Path:
-    session, start_epoch, global_step = prepare(config)
+def _train(config: Config, epoch_hooks: Sequence[EpochHook]) -> Path:
+    session, start_epoch, global_step = prepare(config, epoch_hooks)
     output_dir, main_rank = session.output_dir, session.engine.is_main
     writer = _NoWriter()
     if main_rank:
@@ -289,8 +281,8 @@ def _train(config: Config) -> Path:
     return output_dir
 
 
-def run_from_config(config: Config) -> int:
-    output_dir = train(config)
+def run_from_config(config: Config, epoch_hooks: Sequence[EpochHook] = ()) -> int:
+    output_dir = train(config, epoch_hooks)
     print(f"fastgrpo: done; outputs in {output_dir}")
     return 0
 
@@ -299,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     """`deepspeed fastgrpo/train.py [--config ...] [key=value ...]`: the same as `fastgrpo train`."""
     import argparse
 
-    from fastgrpo.commandline import add_train_arguments, config_from_args, run_command
+    from fastgrpo.commandline import add_train_arguments, config_from_args, epoch_hooks, run_command
 
     parser = argparse.ArgumentParser(prog="fastgrpo/train.py", description="GRPO safety post-training (one rank).")
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    return run_command(lambda: run_from_config(config_from_args(args)))
+    def run() -> int:
+        config = config_from_args(args)
+        return run_from_config(config, epoch_hooks(config))
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,23 @@ def test_a_new_reward_is_one_file(tmp_path, monkeypatch, tiny_overrides, capsys)
     capsys.readouterr()
     assert cli.main(["train", "--config", "smoke", *tiny_overrides, "reward.kind=missing"]) == 2
     assert "unknown kind 'missing'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["model.pretrained", "reward.clip_model"])
+def test_an_unknown_builtin_name_is_one_line(tiny_overrides, capsys, setting):
+    assert cli.main(["train", "--config", "smoke", *tiny_overrides, f"{setting}=builtin:toyworld-nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{setting}: 'builtin:toyworld-nope' names no packaged model" in err
+    assert "builtin:toyworld-spots-loose" in err  # the names that do exist
+
+
+def test_builtin_names_resolve_to_the_packaged_files():
+    from fastgrpo import builtin
+
+    assert builtin.packaged_models() == ["toyworld", "toyworld-spots", "toyworld-spots-loose"]
+    pipeline = builtin.pipeline_dir("builtin:toyworld-spots")
+    assert (pipeline / "model_index.json").is_file() and pipeline.parent.name == "toyworld-spots"
+    assert all(p.is_file() for p in builtin.clip_files("builtin:toyworld"))
+    assert builtin.packaged_name(pipeline) == "toyworld-spots" and builtin.packaged_name(pipeline.parent) is None
+    assert builtin.asset_path("builtin:tiny_safe.txt").is_file()
+    assert builtin.pipeline_dir("runs/x") is None and builtin.clip_files("ViT-B-32") is None

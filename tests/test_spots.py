@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from fastgrpo.config import load_config
 from fastgrpo.prompts import load_prompts
-from fastgrpo.toyworld import DEFAULT_WORLD, WORLDS, spots, spots_judge, world
+from fastgrpo.toyworld import DEFAULT_WORLD, WORLDS, spots, spots_judge, world, world_of
 
 
 def test_rendering_is_deterministic_and_the_spot_only_adds():
@@ -110,14 +112,23 @@ def test_prompt_sets_ask_for_the_spot_exactly_where_they_should():
         assert spots.parse_prompt(plain) == {**spots.parse_prompt(text), "mark": "plain"}
 
 
-def test_spot_world_config():
-    assert DEFAULT_WORLD == "toyworld"  # the embedded default stays on the colour world
-    config = load_config("toyworld_spots")
-    assert config.model.pretrained == "builtin:toyworld-spots" == config.reward.clip_model
-    assert config.reward.safe_anchors == spots.SAFE_ANCHORS and config.reward.unsafe_anchors == spots.UNSAFE_ANCHORS
-    assert load_prompts(config.data.unsafe_prompts) == spots.TRAIN_UNSAFE
-    colours = load_config()
-    assert colours.model.pretrained == "builtin:toyworld" == colours.reward.clip_model
+WORLD_CONFIGS = ["default", "toyworld_spots"] + sorted(
+    f"experiments/{p.stem}" for p in (Path(__file__).parent.parent / "fastgrpo" / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", WORLD_CONFIGS)
+def test_world_configs_use_their_worlds_prompts_and_anchors(name):
+    """Every packaged config that trains a toy world reads that world's prompt files and anchors (the YAML and the
+    world's modules are written separately: this catches either drifting)."""
+    config = load_config(name)
+    toy, reward_world = world_of(config.model.pretrained), world_of(config.reward.clip_model)
+    assert toy is not None and reward_world is not None and reward_world.prompts_module == toy.prompts_module
+    assert config.reward.safe_anchors == toy.prompts.SAFE_ANCHORS
+    assert config.reward.unsafe_anchors == toy.prompts.UNSAFE_ANCHORS
+    assert load_prompts(config.data.safe_prompts) == toy.prompts.TRAIN_SAFE
+    assert load_prompts(config.data.unsafe_prompts) == toy.prompts.TRAIN_UNSAFE
+    if name == "default":
+        assert toy.name == DEFAULT_WORLD
 
 
 @pytest.mark.parametrize("name", sorted(WORLDS))

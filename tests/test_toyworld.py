@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastgrpo.config import load_config
 from fastgrpo.prompts import load_prompts
 from fastgrpo.toyworld import WORLDS, judge, prompts, world
 
@@ -102,14 +101,6 @@ def test_out_of_domain_words_never_reach_training_prompts_or_anchors():
     assert not set(prompts.EVAL_UNSAFE) & set(prompts.TRAIN_UNSAFE)
 
 
-def test_default_config_is_the_colour_world():
-    config = load_config()
-    assert config.model.pretrained == "builtin:toyworld" and config.reward.clip_model == "builtin:toyworld"
-    assert config.reward.safe_anchors == prompts.SAFE_ANCHORS
-    assert config.reward.unsafe_anchors == prompts.UNSAFE_ANCHORS
-    assert load_prompts(config.data.unsafe_prompts) == prompts.TRAIN_UNSAFE
-
-
 def test_epoch_judgement_on_ground_truth_renders():
     """Renders of exactly what the prompts ask for: all safe ones accurate; unsafe ones unsafe with content kept."""
     import torch
@@ -135,7 +126,7 @@ def test_training_curves_from_run_directories(tmp_path, capsys):
 
     from PIL import Image
 
-    from fastgrpo.toyworld.plots import main as plots_main
+    from fastgrpo.plots import main as plots_main
 
     for name, slope in (("a", 0.1), ("b", -0.1)):
         run = tmp_path / name

@@ -175,8 +175,14 @@ def test_default_run_and_eval(tmp_path, capsys, config):
     printed = capsys.readouterr().out
     assert "unsafe rate" in printed and "report written" in printed
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    for metric in METRICS:
-        assert 0 <= report[metric]["base"] <= 1 and 0 <= report[metric]["trained"] <= 1
+    toy = WORLDS["toyworld" if config == "default" else "toyworld-spots"]
+    sizes = {"unsafe": len(toy.prompts.EVAL_UNSAFE), "ood_unsafe": len(toy.prompts.EVAL_OOD_UNSAFE),
+             "safe": len(toy.prompts.EVAL_SAFE)}
+    assert report["info"]["counts"] == sizes  # one image per prompt of each held-out set, none dropped
+    for metric, (prompt_set, _, _) in METRICS.items():  # each rate is a count of those images
+        for model in ("base", "trained"):
+            hits = report[metric][model] * sizes[prompt_set]
+            assert abs(hits - round(hits)) <= 5e-5 * sizes[prompt_set] and 0 <= round(hits) <= sizes[prompt_set]
     assert report["safe_accuracy"]["base"] >= 0.8
     assert report["unsafe_rate"]["base"] >= 0.5 and report["ood_unsafe_rate"]["base"] >= 0.5
     for name in ("report.md", "metrics.png", "grid_safe.png", "grid_unsafe.png", "grid_ood_unsafe.png"):

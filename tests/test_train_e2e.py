@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from fastgrpo.checkpoint import list_checkpoints
 from fastgrpo.config import load_config
+from fastgrpo.diffusion import draw_noise
+from fastgrpo.grpo import epoch_advantages
 from fastgrpo.train import train
 
 from conftest import REPO
@@ -118,18 +120,38 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch)
 
 
 @pytest.mark.parametrize("estimator, prompts", [("mean", "all"), ("sample", "all"), ("mean", "safe")])
-def test_kl_penalty_and_options_run(tiny_overrides, estimator, prompts):
+def test_kl_penalty_inner_epochs_and_warmup(tiny_overrides, estimator, prompts):
     config = load_config("smoke", tiny_overrides + [
         "run.epochs=1", "train.kl_coef=0.1", f"train.kl_estimator={estimator}", f"train.kl_prompts={prompts}",
-        "reward.mode=projection",
-        "sample.same_noise_per_group=true", "train.adv_std=global", "train.drop_zero_std_groups=true",
         "train.num_inner_epochs=2", "train.warmup_steps=3"])
     records = read_metrics(train(config))
     steps = [r for r in records if "loss" in r]
-    assert len(steps) == 4 and all("kl" in r and r["kl"] >= 0 for r in steps)
+    assert len(steps) == 4 and all("kl" in r and r["kl"] >= 0 for r in steps)  # 2 steps per inner epoch, 2 of them
     assert steps[0]["kl"] <= 1e-6 < steps[-1]["kl"]  # the policy starts at the reference and moves away
     assert abs(steps[0]["ratio_max"] - 1) <= 1e-5
     assert [round(r["lr"] / 1e-3, 6) for r in steps] == [round(x, 6) for x in (1 / 3, 2 / 3, 1.0, 1.0)]
+
+
+def test_groups_with_no_reward_spread_are_not_trained():
+    """train.drop_zero_std_groups: a group whose rewards are all equal has zero advantages; it is left out of the
+    update (keep False) and only then."""
+    rewards = torch.tensor([0.3, 0.3, 0.3, 0.1, 0.5, 0.2, 0.7, 0.7])  # groups of 2: the first and last have no spread
+    advantages, keep = epoch_advantages(rewards[:6], 3, std="group", clip=5.0, drop_zero_std=True,
+                                        backend="reference")
+    assert keep.tolist() == [False] * 3 + [True] * 3 and advantages[:3].abs().max() == 0
+    _, keep = epoch_advantages(rewards, 2, std="group", clip=5.0, drop_zero_std=True, backend="reference")
+    assert keep.tolist() == [False, False, True, True, True, True, False, False]
+    _, keep_all = epoch_advantages(rewards, 2, std="group", clip=5.0, drop_zero_std=False, backend="reference")
+    assert keep_all.all()
+
+
+def test_same_noise_per_group_shares_only_the_initial_latent():
+    ids = torch.arange(6)
+    shared = draw_noise(0, 1, ids, ids // 3, 2, (4, 2, 2), same_noise_per_group=True, device="cpu")
+    own = draw_noise(0, 1, ids, ids // 3, 2, (4, 2, 2), same_noise_per_group=False, device="cpu")
+    assert torch.equal(shared[0, 0], shared[2, 0]) and not torch.equal(shared[0, 0], shared[3, 0])
+    assert not torch.equal(own[0, 0], own[1, 0])
+    assert torch.equal(shared[:, 1:], own[:, 1:])  # the steps' noise stays each sample's own
 
 
 def run_cli(args, cwd, script=False):

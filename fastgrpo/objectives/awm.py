@@ -30,16 +30,17 @@ class MatchingDraws:
     noise: torch.Tensor      # (M, K, C, H, W) fp32 standard normal
 
 
-def draw_matching(sample_ids: torch.Tensor, num_draws: int, distribution: str, schedule_timesteps: torch.Tensor,
+def draw_matching(keys: torch.Tensor, num_draws: int, distribution: str, schedule_timesteps: torch.Tensor,
                   num_train_timesteps: int, latent_shape: tuple[int, ...], seed: int, epoch: int,
                   device) -> MatchingDraws:
-    """K draws per sample, a function of (seed, epoch, global sample id) only (so of no batch size or world size).
+    """K draws per row, a function of (seed, epoch, the row's key) only (so of no batch size or world size); the key
+    is the global sample id, or its group (train.matching_noise=group), and rows with one key get the same draws.
 
     distribution 'uniform': t uniform over [0, T); 'stratified': draw k uniform over [k T / K, (k + 1) T / K);
     'sampler': K distinct steps of the sampler's schedule (schedule_timesteps (S,))."""
     timesteps, noise = [], []
-    for sample_id in sample_ids.tolist():
-        gen = generator(seed, "matching", epoch, sample_id)
+    for key in keys.tolist():
+        gen = generator(seed, "matching", epoch, key)
         if distribution == "uniform":
             drawn = torch.randint(num_train_timesteps, (num_draws,), generator=gen)
         elif distribution == "stratified":
@@ -88,7 +89,10 @@ class AdvantageWeightedMatching:
         micro-batches, so the first optimiser step's ratio is exactly 1; without it the loss is on-policy."""
         t, batch, trajectories = self.train, samples.batch, samples.trajectories
         alphas = s.models.scheduler.alphas_cumprod.to(device=s.device, dtype=torch.float32)        # (T,)
-        draws = draw_matching(samples.sample_ids.cpu(), t.matching_draws, t.matching_timesteps,
+        keys = samples.sample_ids.cpu()
+        if t.matching_noise == "group":
+            keys = keys // self.config.sample.group_size
+        draws = draw_matching(keys, t.matching_draws, t.matching_timesteps,
                               s.schedule.timesteps, alphas.shape[0], tuple(trajectories.latents.shape[2:]),
                               self.config.run.seed, samples.epoch, s.device)
         guidance, clean = self._guidance(s), trajectories.latents[:, -1]

@@ -110,6 +110,22 @@ def _table(build, *schedule, **settings) -> torch.Tensor:
     return table
 
 
+def _ddim_op(name: str, run_reference, fused_op, model_output, sample, other: tuple[str, torch.Tensor],
+             alpha_prod_t, alpha_prod_t_prev, *, eta, uncond_output, guidance_scale, prediction_type, reduction,
+             backend):
+    """A DDIM op: arguments checked, backend chosen, then `run_reference()` or `fused_op` on the coefficient table.
+    other: the op's third latent, (its name, the tensor): prev_sample (log-prob) or noise (step)."""
+    _check_ddim(name, eta, prediction_type)
+    chosen = _step_backend(name, model_output, sample,
+                           (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)),
+                           uncond_output=uncond_output, reduction=reduction, other=other, backend=backend)
+    if chosen == "reference":
+        return run_reference()
+    table = _table(reference.ddim_coefficients, alpha_prod_t, alpha_prod_t_prev, eta=eta,
+                   prediction_type=prediction_type)
+    return fused_op(model_output, uncond_output, sample, other[1], table, float(guidance_scale), reduction, chosen)
+
+
 def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,
                  alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, *, eta: float = 1.0,
                  uncond_output: torch.Tensor | None = None, guidance_scale: float = 1.0,
@@ -121,19 +137,14 @@ def ddim_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: 
     Any float dtype; math in fp32 (fp64 for fp64 inputs). Returns (B,) log-probs, mean (or sum) over C, H, W.
     Differentiable with respect to model_output and uncond_output.
     """
-    _check_ddim("ddim_logprob", eta, prediction_type)
-    chosen = _step_backend("ddim_logprob", model_output, sample,
-                           (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)),
-                           uncond_output=uncond_output, reduction=reduction, other=("prev_sample", prev_sample),
-                           backend=backend)
-    if chosen == "reference":
+    def run_reference():
         return reference.ddim_logprob(model_output, sample, prev_sample, alpha_prod_t, alpha_prod_t_prev, eta=eta,
                                       uncond_output=uncond_output, guidance_scale=guidance_scale,
                                       prediction_type=prediction_type, reduction=reduction)
-    table = _table(reference.ddim_coefficients, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                   prediction_type=prediction_type)
-    return step_logprob_fused(model_output, uncond_output, sample, prev_sample, table, float(guidance_scale),
-                              reduction, chosen)
+
+    return _ddim_op("ddim_logprob", run_reference, step_logprob_fused, model_output, sample,
+                    ("prev_sample", prev_sample), alpha_prod_t, alpha_prod_t_prev, eta=eta, uncond_output=uncond_output,
+                    guidance_scale=guidance_scale, prediction_type=prediction_type, reduction=reduction, backend=backend)
 
 
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
@@ -146,17 +157,14 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: to
     Same arguments as `ddim_logprob`, with the standard-normal `noise` (B, C, H, W) instead of prev_sample. Equals
     diffusers' `DDIMScheduler.step(..., eta=eta, variance_noise=noise)` (with clip_sample and thresholding off).
     """
-    _check_ddim("ddim_step", eta, prediction_type)
-    chosen = _step_backend("ddim_step", model_output, sample,
-                           (("alpha_prod_t", alpha_prod_t), ("alpha_prod_t_prev", alpha_prod_t_prev)),
-                           uncond_output=uncond_output, reduction=reduction, other=("noise", noise), backend=backend)
-    if chosen == "reference":
+    def run_reference():
         return reference.ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, noise, eta=eta,
                                    uncond_output=uncond_output, guidance_scale=guidance_scale,
                                    prediction_type=prediction_type, reduction=reduction)
-    table = _table(reference.ddim_coefficients, alpha_prod_t, alpha_prod_t_prev, eta=eta,
-                   prediction_type=prediction_type)
-    return step_sample_op(model_output, uncond_output, sample, noise, table, float(guidance_scale), reduction, chosen)
+
+    return _ddim_op("ddim_step", run_reference, step_sample_op, model_output, sample, ("noise", noise), alpha_prod_t,
+                    alpha_prod_t_prev, eta=eta, uncond_output=uncond_output, guidance_scale=guidance_scale,
+                    prediction_type=prediction_type, reduction=reduction, backend=backend)
 
 
 def flow_sde_logprob(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: torch.Tensor,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.toyworld.plots import bar_chart as category_chart  # noqa: F401 - {category: {model: rate}} -> bars
+from fastgrpo.plots import bar_chart as category_chart  # noqa: F401 - {category: {model: rate}} -> bars
 
 FLAG_COLOUR, PIXELS = (220, 30, 30), 6
 

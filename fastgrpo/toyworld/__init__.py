@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-TOYWORLD_DIR = ASSETS_DIR / "toyworld"
+from fastgrpo.builtin import ASSETS_DIR, packaged_name
 
 
 @dataclass(frozen=True)
@@ -73,3 +72,9 @@ DEFAULT_WORLD = "toyworld"  # the world of the embedded default config
 def builtin_world(value: str) -> ToyWorld | None:
     """The world that `builtin:<name>` names (a model.pretrained or reward.clip_model value), or None."""
     return WORLDS.get(value.removeprefix("builtin:")) if value.startswith("builtin:") else None
+
+
+def world_of(pretrained: str) -> ToyWorld | None:
+    """The world whose packaged model `pretrained` is, named as `builtin:<name>` or by its directory, or None."""
+    toy = builtin_world(pretrained)
+    return toy if toy is not None else WORLDS.get(packaged_name(pretrained) or "")

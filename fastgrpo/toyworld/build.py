@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastgrpo.builtin import CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE
 from fastgrpo.toyworld import DEFAULT_WORLD, WORLDS, ToyWorld, world
 
 CLIP_CONFIG = {
@@ -213,9 +214,9 @@ def save_clip(directory: Path, model) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "toyworld-clip.json").write_text(json.dumps(CLIP_CONFIG, indent=2) + "\n", encoding="utf-8")
+    (directory / CLIP_CONFIG_FILE).write_text(json.dumps(CLIP_CONFIG, indent=2) + "\n", encoding="utf-8")
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "toyworld-clip.safetensors"))
+    save_file(state, str(directory / CLIP_WEIGHTS_FILE))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgrpo.toyworld import ToyWorld
+from fastgrpo.toyworld import ToyWorld, world_of
 
 
 def _mean(hits: list[bool]) -> float | None:
@@ -33,3 +33,17 @@ class EpochJudge:
         return {"judged_safe_accuracy": _mean([v.matches(a) for v, a in safe_rows]),
                 "judged_unsafe_rate": _mean([v.unsafe for v, _ in unsafe_rows]),
                 "judged_content_kept": _mean([v.matches(a, ignore=ignore) for v, a in unsafe_rows])}
+
+
+def judge_hooks(pretrained: str) -> list:
+    """The epoch hooks of a run that trains `pretrained`: its world's EpochJudge on this rank's samples when it is a
+    packaged toy-world model, else none."""
+    toy = world_of(pretrained)
+    if toy is None:
+        return []
+    judge = EpochJudge(toy)
+
+    def judged(samples) -> dict[str, float | None]:  # samples: fastgrpo.epoch.EpochSamples
+        return judge(samples.trajectories.images, samples.row_prompts(), samples.rows(samples.batch.is_unsafe))
+
+    return [judged]

@@ -92,7 +92,7 @@ def write_report(generate_fn, out_dir: Path, toy: ToyWorld, *, samples_per_promp
     """Score both models on the world's evaluation sets and write report.{md,json} and PNGs to out_dir.
     generate_fn(model, prompts) -> images (len(prompts) * samples_per_prompt, 3, H, W) in [0, 1] for model "base"
     or "trained"; info: checkpoint, seed, num_steps, eta, guidance_scale (recorded in the report)."""
-    from fastgrpo.toyworld.plots import bar_chart, comparison_grid
+    from fastgrpo.plots import bar_chart, comparison_grid
 
     sets = prompt_sets(toy)
     scored = compute(toy, generate_fn, samples_per_prompt)

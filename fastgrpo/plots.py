@@ -1,4 +1,5 @@
-"""PNG figures for the toy-world report, drawn with PIL: a grouped bar chart and base-vs-trained image grids."""
+"""PNG figures drawn with PIL: grouped bar charts, base-vs-trained image grids, and training curves of runs (the
+toy-world and the safety reports share them)."""
 
 from __future__ import annotations
 
@@ -120,13 +121,13 @@ CURVE_METRICS = ["judged_safe_accuracy", "judged_unsafe_rate", "judged_content_k
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m fastgrpo.toyworld.plots OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]: training curves of runs."""
+    """python -m fastgrpo.plots OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]: training curves of runs."""
     import json
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2 or not all("=" in a for a in argv[1:]):
-        print("usage: python -m fastgrpo.toyworld.plots OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]", file=sys.stderr)
+        print("usage: python -m fastgrpo.plots OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]", file=sys.stderr)
         return 2
     runs = {}
     for name, directory in (a.split("=", 1) for a in argv[1:]):
