@@ -24,7 +24,7 @@ class SingleProcessEngine:
     world_size = 1
     is_main = True
 
-    def __init__(self, model: torch.nn.Module, train_config):
+    def __init__(self, model: torch.nn.Module, train_config, step_constraints=()):
         self.model = model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -33,7 +33,7 @@ class SingleProcessEngine:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                               warmup_schedule(train_config.warmup_steps))
         self.max_grad_norm = train_config.max_grad_norm
-        self.update_projection = None  # a PreservedSubspace (fastgrpo.preserve) that corrects every step, or None
+        self.step_constraints = tuple(step_constraints)  # fastgrpo.levers: before_step() / after_step() each step
 
     def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
         """Accumulate gradients of `loss`; is_last marks the final micro-batch before `step`."""
@@ -51,11 +51,11 @@ class SingleProcessEngine:
             if skip_nonfinite:
                 return grad_norm
             raise NonFiniteError(f"gradient norm is {float(grad_norm)}; the step was not applied")
-        if self.update_projection is not None:
-            self.update_projection.before_step()
+        for constraint in self.step_constraints:
+            constraint.before_step()
         self.optimizer.step()
-        if self.update_projection is not None:
-            self.update_projection.after_step()
+        for constraint in self.step_constraints:
+            constraint.after_step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm

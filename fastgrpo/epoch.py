@@ -69,7 +69,7 @@ class EpochSamples:
     trajectories: Trajectories  # this rank's samples; row r is global sample sample_ids[r]
     sample_ids: torch.Tensor    # (M,) long on the device: global id of each trajectory row
     rewards: torch.Tensor       # (N,) global
-    advantages: torch.Tensor    # (N,) global, after train.safe_advantages
+    advantages: torch.Tensor    # (N,) global, after the levers' advantage transforms
     keep: torch.Tensor          # (N,) bool global: samples the update trains on (train.drop_zero_std_groups)
     rollout_s: float
     reward_s: float
@@ -110,9 +110,6 @@ def collect_epoch(s, epoch: int) -> EpochSamples:
     t = s.config.train
     advantages, keep = epoch_advantages(rewards, s.config.sample.group_size, std=t.adv_std, clip=t.adv_clip_max,
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
-    if t.safe_advantages == "zero":  # safe groups carry no safety signal: only the KL penalty (if any) moves them
-        advantages = advantages.masked_fill(~batch.is_unsafe, 0.0)
-    if t.negative_advantages == "zero":
-        advantages = advantages.clamp_min(0.0)
+    advantages = s.levers.transform_advantages(advantages, batch.is_unsafe)
     return EpochSamples(epoch, batch, trajectories, sample_ids, rewards, advantages, keep, t1 - t0,
                         time.perf_counter() - t1)

@@ -29,6 +29,7 @@ from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, SdeWindo
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.epoch import EpochSamples, collect_epoch, gather_rewards, sync_device  # noqa: F401 (gather_rewards: API)
 from fastgrpo.errors import NonFiniteError, TrainingInterrupted
+from fastgrpo.levers import Levers, build_levers, step_constraints
 from fastgrpo.lora import add_lora, load_lora, save_lora
 from fastgrpo.grpo import UpdatePlan, group_kind_stats, policy_update
 from fastgrpo.objectives import build_objective
@@ -61,6 +62,7 @@ class Session:
     output_dir: Path
     objective: object              # fastgrpo.objectives: what the rollout keeps and how a micro-batch's loss is made
     window: SdeWindow | None       # sample.sde_window_*: the steps that are stochastic (None: every step)
+    levers: Levers                 # fastgrpo.levers: advantage transforms and which rows the KL penalty covers
     epoch_hooks: tuple[EpochHook, ...] = ()  # each adds its keys to the epoch line (the toy worlds' pixel judge)
 
     @property
@@ -87,9 +89,9 @@ def resolve_precision(config: Config) -> str:
     return json_precision(read_deepspeed_config(config.engine.deepspeed, "auto"))
 
 
-def _build_engine(config: Config, unet: torch.nn.Module, world_size: int, device: torch.device):
+def _build_engine(config: Config, unet: torch.nn.Module, world_size: int, device: torch.device, constraints: list):
     if config.engine.deepspeed is None:
-        return SingleProcessEngine(unet, config.train)
+        return SingleProcessEngine(unet, config.train, constraints)  # (validation keeps constraints off DeepSpeed)
     from fastgrpo.engine_deepspeed import DeepSpeedEngine, read_deepspeed_config
 
     t = config.train
@@ -132,12 +134,8 @@ def prepare(config: Config, epoch_hooks: Sequence[EpochHook] = ()) -> tuple[Sess
         select_trainable(models.unet, config.train.trainable_modules)
         if config.train.kl_coef > 0:
             ref_unet = copy.deepcopy(models.unet).requires_grad_(False)
-    engine = _build_engine(config, models.unet, world_size, device)
-    if config.train.preserve_prompts == "safe":
-        from fastgrpo.preserve import preserved_subspace
-        engine.update_projection = preserved_subspace(models.unet, models, mixer.safe, config.train.preserve_energy,
-                                                      unsafe_prompts=mixer.unsafe,
-                                                      directions=config.train.update_directions)
+    engine = _build_engine(config, models.unet, world_size, device,
+                           step_constraints(config, models.unet, models, mixer))
     start_epoch, global_step = 0, 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet, saved_state)
@@ -154,7 +152,7 @@ def prepare(config: Config, epoch_hooks: Sequence[EpochHook] = ()) -> tuple[Sess
         uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, objective=build_objective(config),
         window=SdeWindow(sample.sde_window_size, sample.sde_window_start, sample.sde_window_schedule,
                          sample.sde_window_shift_every) if sample.sde_window_size else None,
-        epoch_hooks=tuple(epoch_hooks))
+        levers=build_levers(config), epoch_hooks=tuple(epoch_hooks))
     return session, start_epoch, global_step
 
 

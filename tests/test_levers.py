@@ -133,3 +133,20 @@ def test_preserved_prompts_refuse_what_they_cannot_protect(tiny_overrides, overr
     assert cli.main(["train", "--config", "smoke", *tiny_overrides, *base, *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "preserve" in err[0], err
+
+
+def test_advantage_and_coverage_levers_from_the_config():
+    """Each lever is a hook built from its key: advantage transforms in order, and the rows the KL penalty covers."""
+    from fastgrpo.levers import build_levers
+
+    advantages = torch.tensor([1.5, -0.5, -1.0, 0.25])
+    is_unsafe = torch.tensor([True, True, False, False])
+    plain = build_levers(load_config())
+    assert torch.equal(plain.transform_advantages(advantages, is_unsafe), advantages)
+    assert plain.kl_covers(is_unsafe).all()
+    both = build_levers(load_config(None, ["train.safe_advantages=zero", "train.negative_advantages=zero",
+                                           "train.kl_prompts=safe"]))
+    assert both.transform_advantages(advantages, is_unsafe).tolist() == [1.5, 0.0, 0.0, 0.0]
+    assert both.kl_covers(is_unsafe).tolist() == [False, False, True, True]
+    negative = build_levers(load_config(None, ["train.negative_advantages=zero"]))
+    assert negative.transform_advantages(advantages, is_unsafe).tolist() == [1.5, 0.0, 0.0, 0.25]

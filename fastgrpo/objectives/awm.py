@@ -97,7 +97,8 @@ class AdvantageWeightedMatching:
                               self.config.run.seed, samples.epoch, s.device)
         guidance, clean = self._guidance(s), trajectories.latents[:, -1]
         reference = kl_reference(s)
-        unsafe = samples.rows(batch.is_unsafe)                                                           # (M,)
+        covered = s.levers.kl_covers(samples.rows(batch.is_unsafe))                                       # (M,)
+        partial = not bool(covered.all())
 
         def predictions(unet, rows, units):
             timesteps = draws.timesteps[rows, units]
@@ -115,9 +116,9 @@ class AdvantageWeightedMatching:
                 with torch.no_grad(), reference() as ref_unet:
                     ref_cond, ref_uncond, _ = predictions(ref_unet, rows, units)
                     ref = ops.reference.guided_output(ref_cond, ref_uncond, guidance.guidance_scale)
-                if t.kl_prompts == "safe":  # an unsafe prompt's row is its own reference: no penalty, no gradient
+                if partial:  # a row the penalty does not cover is its own reference: no penalty, no gradient
                     guided = ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
-                    ref = torch.where(unsafe[rows].view(-1, *(1,) * (ref.dim() - 1)), guided, ref)
+                    ref = torch.where(covered[rows].view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
             return ops.matching_loss(cond, target, advantages[rows], old_surrogates=old, clip_range=t.clip_range,
                                      clip_range_high=t.clip_range_high, uncond_prediction=uncond,
                                      guidance_scale=guidance.guidance_scale, reference_prediction=ref,

@@ -49,8 +49,9 @@ class DDPO:
         policy_fn, ref_fn = log_probs_under(s.unet, ratio_norm=t.ratio_norm), None
         if reference is not None and t.kl_estimator == "mean":
             policy_fn = log_probs_under(s.unet, reference, ratio_norm=t.ratio_norm)
-            if t.kl_prompts == "safe":  # the KL of unsafe prompts' samples is zeroed (and so is its gradient)
-                weight, full_fn = (~samples.rows(batch.is_unsafe)).float(), policy_fn
+            covered = s.levers.kl_covers(samples.rows(batch.is_unsafe))
+            if not bool(covered.all()):  # the KL of the rows the penalty does not cover is zeroed (and its gradient)
+                weight, full_fn = covered.float(), policy_fn
 
                 def policy_fn(rows, steps):
                     log_probs, kl, *norm = full_fn(rows, steps)
