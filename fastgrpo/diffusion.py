@@ -65,6 +65,13 @@ class Guidance:
         return self.guidance_scale != 1.0
 
 
+def configured_sampler(sample, models, device: torch.device, *, backend: str = "auto",
+                       autocast_bf16: bool = False) -> tuple[DDIMSchedule, Guidance]:
+    """The DDIM schedule and guidance that a SampleConfig asks of these models: training and evaluation alike."""
+    return (DDIMSchedule.from_scheduler(models.scheduler, sample.num_steps, device),
+            Guidance(sample.eta, sample.guidance_scale, models.prediction_type, backend, autocast_bf16))
+
+
 def unet_outputs(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance: Guidance):
     """(cond, uncond) fp32 UNet outputs; cond and uncond run in one batched call. uncond is None without CFG.
 

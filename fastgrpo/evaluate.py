@@ -17,7 +17,7 @@ import torch
 
 from fastgrpo.checkpoint import list_checkpoints
 from fastgrpo.config import Config, load_config
-from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, sample_trajectories
+from fastgrpo.diffusion import RolloutSettings, configured_sampler, sample_trajectories
 from fastgrpo.devices import DEVICE_HELP, resolve_device
 from fastgrpo.errors import FastGRPOError
 from fastgrpo.models import DiffusionModels, configure_unet, encode_prompts, load_diffusion_models
@@ -72,8 +72,7 @@ def generate(policies: Policies, unet: torch.nn.Module, prompts: list[str], *, s
     noise whichever UNet is given."""
     config, models = policies.config, policies.models
     device = next(unet.parameters()).device
-    schedule = DDIMSchedule.from_scheduler(models.scheduler, config.sample.num_steps, device)
-    guidance = Guidance(config.sample.eta, config.sample.guidance_scale, models.prediction_type)
+    schedule, guidance = configured_sampler(config.sample, models, device)
     settings = RolloutSettings(models.latent_shape(config.sample.resolution), samples_per_prompt, batch_size,
                                False, seed)
     prompt_embeds = encode_prompts(models, prompts)

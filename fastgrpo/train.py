@@ -25,7 +25,7 @@ from fastgrpo.checkpoint import (check_deepspeed_state, find_checkpoint, list_ch
                                  read_trainer_state, save_checkpoint, save_unet)
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
-from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, SdeWindow
+from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, SdeWindow, configured_sampler
 from fastgrpo.engine import SingleProcessEngine
 from fastgrpo.epoch import EpochSamples, collect_epoch, gather_rewards, sync_device  # noqa: F401 (gather_rewards: API)
 from fastgrpo.errors import NonFiniteError, TrainingInterrupted
@@ -141,12 +141,11 @@ def prepare(config: Config, epoch_hooks: Sequence[EpochHook] = ()) -> tuple[Sess
         state = load_checkpoint(checkpoint, engine, load_lora if config.lora.rank > 0 else load_unet, saved_state)
         start_epoch, global_step = state["epoch"] + 1, state["global_step"]
     sample = config.sample
-    autocast = precision == "bf16" and config.engine.deepspeed is None
+    schedule, guidance = configured_sampler(sample, models, device, backend=config.train.ops_backend,
+                                            autocast_bf16=precision == "bf16" and config.engine.deepspeed is None)
     session = Session(
         config=config, device=device, models=models, reward=reward, engine=engine, ref_unet=ref_unet, mixer=mixer,
-        schedule=DDIMSchedule.from_scheduler(models.scheduler, sample.num_steps, device),
-        guidance=Guidance(sample.eta, sample.guidance_scale, models.prediction_type, config.train.ops_backend,
-                          autocast),
+        schedule=schedule, guidance=guidance,
         rollout=RolloutSettings(models.latent_shape(sample.resolution), sample.group_size, sample.batch_size,
                                 sample.same_noise_per_group, run.seed, keep_noise=config.train.ratio_norm),
         uncond_embed=encode_prompts(models, [""]), output_dir=output_dir, objective=build_objective(config),
