@@ -56,10 +56,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add("--clip-checkpoint", metavar="FILE", help="alignment CLIP weights")
     add("--show-flagged", action="store_true", help="do not pixelate flagged images in the report's grids")
     add("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    add("--geneval", metavar="METADATA", help="GenEval's evaluation_metadata.jsonl: score compositional quality too")
+    add("--geneval-detector", metavar="DIR", help="transformers Mask2Former (COCO instance segmentation) directory")
+    add("--geneval-clip-model", default=None,
+        help="open_clip architecture (or model-config JSON) of the colour classifier's CLIP (default "
+             "ViT-L-14-quickgelu: OpenAI's ViT-L/14, as GenEval uses)")
+    add("--geneval-clip-checkpoint", metavar="FILE", help="the colour classifier's CLIP weights")
 
 
 REAL_ONLY = ("model", "unet", "lora", "prompts", "safe_prompts", "output", "max_prompts", "q16_clip_checkpoint",
-             "q16_prompts", "clip_model", "clip_checkpoint", "nudenet_model")
+             "q16_prompts", "clip_model", "clip_checkpoint", "nudenet_model", "geneval", "geneval_detector",
+             "geneval_clip_model", "geneval_clip_checkpoint")
 
 
 def _eval(args) -> int:

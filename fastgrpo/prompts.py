@@ -26,11 +26,19 @@ def read_prompt_rows(source: str, column: str = "prompt") -> list[dict[str, str]
     except UnicodeDecodeError as error:
         raise DataError(f"prompt file {source!r} is not UTF-8 text (bad byte at offset {error.start})") from None
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
+        reader = csv.DictReader(io.StringIO(text), strict=True)
         if reader.fieldnames is None or column not in reader.fieldnames:
             found = ", ".join(reader.fieldnames or []) or "none"
             raise DataError(f"prompt file {source!r} has no column {column!r} (columns: {found})")
-        rows = [{key: (value or "").strip() for key, value in row.items() if key is not None} for row in reader]
+        try:
+            rows = [{key: (value or "").strip() for key, value in row.items() if key is not None} for row in reader]
+        except csv.Error as error:  # strict: a quote that never closes is an error, not one prompt to the end
+            raise DataError(f"prompt file {source!r} is not valid CSV ({error}: a quote that never closes?)") from None
+        broken = next((n for n, row in enumerate(rows, start=2) if any(c in row.get(column, "") for c in "\r\n")),
+                      None)
+        if broken is not None:
+            raise DataError(f"prompt file {source!r}: the {column!r} of data row {broken - 1} spans several lines "
+                            "(a quote that never closes?); a prompt is one line")
     else:
         rows = [{column: line.strip()} for line in text.splitlines()]
     rows = [row for row in rows if row.get(column)]

@@ -224,3 +224,41 @@ def test_crops_paint_outside_the_mask_grey():
     crop = np.asarray(geneval.ColourClassifier.crop(image, Detection((1, 1, 7, 5), 1.0, mask)))
     assert crop.shape == (4, 6, 3)
     assert (crop[1:3, 1:5] == 200).all() and (crop[0] == 153).all() and (crop[:, 5] == 153).all()
+
+
+METADATA = [
+    {"tag": "single_object", "include": [{"class": "computer mouse", "count": 1}],
+     "prompt": "a photo of a computer mouse"},
+    {"tag": "counting", "include": [{"class": "computer mouse", "count": 2}],
+     "exclude": [{"class": "computer mouse", "count": 3}], "prompt": "a photo of two computer mouses"},
+    {"tag": "two_object", "include": [{"class": "computer mouse", "count": 1}, {"class": "dog", "count": 1}],
+     "prompt": "a photo of a computer mouse and a dog"},
+]
+
+
+def test_eval_with_geneval_alone_scores_each_task(tiny_pipeline_dir, tiny_clip_files, tmp_path, capsys):
+    """`fastgrpo eval --model DIR --unet DIR --geneval ...` without safety prompts: a detector that finds 8 computer
+    mice scoring 0.5-0.9 in every image makes the single-object prompt right, the counting prompt wrong (its
+    threshold is 0.9) and the two-object prompt wrong (no dog), for both models."""
+    from fastgrpo import cli
+
+    config, checkpoint = tiny_clip_files
+    detector = tiny_mask2former(tmp_path / "m2f")
+    out = tmp_path / "report"
+    args = ["eval", "--model", str(tiny_pipeline_dir), "--unet", str(tiny_pipeline_dir),
+            "--geneval", write_lines(tmp_path / "meta.jsonl", METADATA), "--geneval-detector", str(detector),
+            "--geneval-clip-model", str(config), "--geneval-clip-checkpoint", str(checkpoint),
+            "--samples-per-prompt", "2", "--num-steps", "2", "--device", "cpu", "--output", str(out)]
+    assert cli.main(args) == 0
+    report = json.loads((out / "report.json").read_text())["geneval"]
+    assert [report[t]["base"]["value"] for t in ("single_object", "counting", "two_object")] == [1.0, 0.0, 0.0]
+    assert report["overall"]["base"]["value"] == pytest.approx(1 / 3) and report["overall"]["change"]["value"] == 0
+    assert "unsafe" not in json.loads((out / "report.json").read_text())
+    assert "## GenEval" in (out / "report.md").read_text() and (out / "geneval_failures.png").is_file()
+    capsys.readouterr()
+    bad = write_lines(tmp_path / "bad.jsonl", [{"tag": "counting", "prompt": "two dogs"}])
+    assert cli.main(args[:5] + ["--geneval", bad] + args[7:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs a non-empty 'include' list" in err
+    assert cli.main(args[:7] + ["--geneval-detector", str(tmp_path / "nowhere")] + args[9:]) == 2
+    assert "--geneval-detector" in capsys.readouterr().err

@@ -50,3 +50,27 @@ def test_mix_is_deterministic_and_respects_the_fraction():
     assert PromptMixer(safe, unsafe, 0.25, 8, seed=2).epoch(0).prompts != first.prompts
     big = PromptMixer(safe, unsafe, 1.0, 7, seed=0).epoch(0)  # more unsafe prompts than the pool: cycles
     assert sorted(set(big.prompts)) == sorted(unsafe) and big.is_unsafe.all()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('prompt,categories\n"a cat, sitting,sexual\nb dog,violence\n', "not valid CSV"),  # the quote never closes
+    ('prompt,categories\n"line one\nline two",sexual\nok,violence\n', "spans several lines"),
+])
+def test_a_csv_prompt_that_spans_lines_is_refused(tmp_path, content, message):
+    path = tmp_path / "i2p.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message) as raised:
+        load_prompts(str(path))
+    assert "\n" not in str(raised.value)
+    path.write_text('prompt,categories\n"a cat, sitting",sexual\nb dog,violence\n', encoding="utf-8")
+    assert load_prompts(str(path)) == ["a cat, sitting", "b dog"]  # a quoted comma is fine
+
+
+def test_eval_refuses_an_unclosed_quote_in_one_line(tiny_pipeline_dir, tmp_path, capsys):
+    from fastgrpo import cli
+
+    path = tmp_path / "i2p.csv"
+    path.write_text('prompt,categories\n"a cat, sitting,sexual\nb dog,violence\n', encoding="utf-8")
+    assert cli.main(["eval", "--model", str(tiny_pipeline_dir), "--prompts", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not valid CSV" in err

@@ -184,6 +184,9 @@ def test_default_run_and_eval(tmp_path, capsys, config):
             hits = report[metric][model] * sizes[prompt_set]
             assert abs(hits - round(hits)) <= 5e-5 * sizes[prompt_set] and 0 <= round(hits) <= sizes[prompt_set]
     assert report["safe_accuracy"]["base"] >= 0.8
+    for task in ("single_object", "colors"):  # one asked attribute each: at least as often right as all of them
+        for model in ("base", "trained"):
+            assert report["safe_accuracy"][model] <= report["geneval_tasks"][task][model] <= 1
     assert report["unsafe_rate"]["base"] >= 0.5 and report["ood_unsafe_rate"]["base"] >= 0.5
     for name in ("report.md", "metrics.png", "grid_safe.png", "grid_unsafe.png", "grid_ood_unsafe.png"):
         assert (run_dir / "eval" / name).is_file(), name

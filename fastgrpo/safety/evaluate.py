@@ -47,6 +47,10 @@ class EvalOptions:
     clip_checkpoint: str | None = None
     show_flagged: bool = False
     device: str = "auto"
+    geneval: str | None = None            # GenEval's evaluation_metadata.jsonl
+    geneval_detector: str | None = None   # a transformers Mask2Former COCO instance-segmentation directory
+    geneval_clip_model: str = "ViT-L-14-quickgelu"  # the colour CLIP: OpenAI ViT-L/14 (open_clip name or JSON)
+    geneval_clip_checkpoint: str | None = None
 
 
 def check(options: EvalOptions) -> None:
@@ -63,8 +67,11 @@ def check(options: EvalOptions) -> None:
         raise ConfigError(f"eval: --max-prompts must be >= 1, got {options.max_prompts}")
     if (options.q16_prompts is None) != (options.q16_clip_checkpoint is None):
         raise ConfigError("eval: Q16 needs both --q16-prompts and --q16-clip-checkpoint")
-    if options.prompts is None:
-        raise ConfigError("eval: --prompts FILE (the unsafe prompt set) is required for a real model")
+    if options.prompts is None and options.geneval is None:
+        raise ConfigError("eval: a real model needs --prompts FILE (the unsafe prompt set), --geneval METADATA, or "
+                          "both")
+    if options.geneval is not None and (options.geneval_detector is None or options.geneval_clip_checkpoint is None):
+        raise ConfigError("eval: --geneval needs --geneval-detector DIR and --geneval-clip-checkpoint FILE")
 
 
 def _checkpoint_part(directory: str, part: str, marker: str, option: str) -> Path:
@@ -233,12 +240,20 @@ def evaluate_models(model: str, options: EvalOptions, *, unet: str | None = None
     if lora is not None:
         from fastgrpo.lora import LORA_DIR, LORA_FILE
         _checkpoint_part(lora, LORA_DIR, LORA_FILE, "--lora")
-    sets = {"unsafe": (options.prompts, options.prompts_column)}
+    sets = {} if options.prompts is None else {"unsafe": (options.prompts, options.prompts_column)}
     if options.safe_prompts:
         sets["safe"] = (options.safe_prompts, options.safe_prompts_column)
     prompt_sets = {name: load_eval_prompts(path, column=column, seed=options.seed,
                                            guidance_scale=options.guidance_scale, limit=options.max_prompts)
                    for name, (path, column) in sets.items()}
+    geneval_prompts = None
+    if options.geneval is not None:
+        from fastgrpo.safety import geneval
+        geneval_prompts = geneval.load_metadata(options.geneval, seed=options.seed,
+                                                guidance_scale=options.guidance_scale, limit=options.max_prompts)
+        if not (Path(options.geneval_detector).expanduser() / "config.json").is_file():
+            raise ModelLoadError(f"--geneval-detector: {options.geneval_detector!r} is not a transformers model "
+                                 "directory (no config.json)")
     device = resolve_device(options.device, setting="eval --device")
     scorers = {"nudenet": NudeNet(options.nudenet_model), "threshold": options.nudenet_threshold}
     if options.q16_prompts is not None:
@@ -253,7 +268,12 @@ def evaluate_models(model: str, options: EvalOptions, *, unet: str | None = None
     results = {name: run_set(models, unets, prompts, settings, scorers, classes)
                for name, prompts in prompt_sets.items()}
     summary = {name: summarise(set_results, list(unets), classes) for name, set_results in results.items()}
+    compositional = None
+    if geneval_prompts is not None:
+        detector = geneval.Mask2FormerDetector(options.geneval_detector, device)
+        colours = geneval.load_colour_classifier(options.geneval_clip_model, options.geneval_clip_checkpoint, device)
+        compositional = geneval.run_geneval(models, unets, geneval_prompts, settings, detector, colours)
     sources = {"base": models.source, "trained": trained_source or unet or lora}
     info = _report_info(options, {m: str(sources[m]) for m in unets}, sets, prompt_sets, classes, scorers, device)
     out_dir = Path(options.output).expanduser() if options.output else (default_output or Path("fastgrpo-eval"))
-    return write(out_dir, summary, info, results)
+    return write(out_dir, summary, info, results, compositional)

@@ -359,3 +359,81 @@ def summarise(results: GenEvalResults, models: list[str], *, resamples: int = 20
         out["prompts"] = sum(len(rows[t]) for t in chosen)
         summary[name] = out
     return summary
+
+
+FAILURES_PER_TASK, THUMBNAIL = 4, 128
+
+
+def run_geneval(models, unets: dict, prompts: list[GenEvalPrompt], settings, detector, colours) -> GenEvalResults:
+    """Sample every GenEval prompt with every model from the same noise, in chunks, and judge each image; keeps the
+    verdicts and a few failed images per task."""
+    from tqdm.auto import tqdm
+
+    from fastgrpo.models import encode_prompts
+    from fastgrpo.safety.sampling import sample_images
+
+    count = settings.samples_per_prompt
+    results = GenEvalResults(prompts, count)
+    per_chunk = max(1, settings.batch_size // count)
+    uncond = encode_prompts(models, [""])
+    verdicts = {name: [] for name in unets}
+    failures = {name: {} for name in unets}
+    with tqdm(total=len(prompts), unit="prompt", desc=f"GenEval, {len(prompts)} prompts", leave=False) as bar:
+        for start in range(0, len(prompts), per_chunk):
+            chunk = prompts[start:start + per_chunk]
+            cond = encode_prompts(models, [p.text for p in chunk])
+            for name, unet in unets.items():
+                images = sample_images(unet, models.vae, models.scheduler, chunk, cond, uncond, settings)
+                correct, reasons = score_images(images, chunk, count, detector, colours)
+                verdicts[name] += list(zip(correct, reasons))
+                for index, ok in enumerate(correct):
+                    kept = failures[name].setdefault(chunk[index // count].tag, [])
+                    if not ok and len(kept) < FAILURES_PER_TASK:
+                        image = images[index:index + 1]
+                        if image.shape[-1] > THUMBNAIL:
+                            image = torch.nn.functional.interpolate(image, size=(THUMBNAIL, THUMBNAIL), mode="area")
+                        kept.append((image[0].cpu(), chunk[index // count].text, reasons[index]))
+            bar.update(len(chunk))
+    for name in unets:
+        results.correct[name] = torch.tensor([ok for ok, _ in verdicts[name]], dtype=torch.bool)
+        results.reasons[name] = [why for _, why in verdicts[name]]
+        results.failures[name] = failures[name]
+    return results
+
+
+def failure_grid(results: GenEvalResults, models: list[str], path: Path, size: int = THUMBNAIL) -> None:
+    """One row per task: up to FAILURES_PER_TASK failed images of each model, each with its prompt and reason."""
+    from PIL import Image, ImageDraw
+
+    tags = [t for t in TAGS if any(results.failures[m].get(t) for m in models)]
+    columns = FAILURES_PER_TASK * len(models)
+    cell = size + 36
+    canvas = Image.new("RGB", (120 + columns * size, max(1, len(tags)) * cell + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), "failed images per task: " + ", then ".join(models), fill="black")
+    for row, tag in enumerate(tags):
+        y = 20 + row * cell
+        draw.text((4, y + size // 2), tag, fill="black")
+        for m_index, model in enumerate(models):
+            for k, (image, text, reason) in enumerate(results.failures[model].get(tag, [])):
+                x = 120 + (m_index * FAILURES_PER_TASK + k) * size
+                pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                canvas.paste(Image.fromarray(pixels).resize((size, size)), (x, y))
+                draw.text((x + 2, y + size + 2), text[:24], fill="black")
+                draw.text((x + 2, y + size + 16), reason[:24], fill=(180, 30, 30))
+    canvas.save(path)
+
+
+def markdown(summary: dict, models: list[str]) -> list[str]:
+    """The report's GenEval section: accuracy per task and overall, with intervals."""
+    header = "| task | " + " | ".join(models) + (" | change |" if "trained" in models else " |")
+    lines = ["## GenEval", "",
+             "Accuracy per task (images whose every include and exclude holds), `overall` the mean of the tasks, as "
+             "GenEval scores it; detector: transformers' Mask2Former, so comparable with, not identical to, the "
+             "official mmdet numbers. Brackets: 95% bootstrap intervals over prompts.", "",
+             header, "| --- " * (len(models) + 1 + ("trained" in models)) + "|"]
+    for tag, entry in summary.items():
+        cells = [f"{100 * entry[m]['value']:.1f}% [{100 * entry[m]['low']:.1f}, {100 * entry[m]['high']:.1f}]"
+                 for m in models + (["change"] if "trained" in models else [])]
+        lines.append(f"| {tag} ({entry['prompts']} prompts) | " + " | ".join(cells) + " |")
+    return lines + ["", "![GenEval failures](geneval_failures.png)", ""]

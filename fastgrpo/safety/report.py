@@ -144,12 +144,22 @@ def markdown(summary: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
-def write(out_dir: Path, summary: dict, info: dict, results: dict[str, SetResults]) -> Path:
+def write(out_dir: Path, summary: dict, info: dict, results: dict[str, SetResults], geneval_results=None) -> Path:
+    """report.json, report.md and the PNGs; `geneval_results` (fastgrpo.safety.geneval.GenEvalResults) adds the
+    `geneval` section and its failure grid."""
     from fastgrpo.safety.figures import category_chart, sample_grid
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps({**summary, "info": info}, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(markdown(summary, info), encoding="utf-8")
+    extra, text = {}, markdown(summary, info)
+    if geneval_results is not None:
+        from fastgrpo.safety import geneval
+
+        extra["geneval"] = geneval.summarise(geneval_results, info["models"])
+        text = text.rstrip("\n") + "\n\n" + "\n".join(geneval.markdown(extra["geneval"], info["models"]))
+        geneval.failure_grid(geneval_results, info["models"], out_dir / "geneval_failures.png")
+    (out_dir / "report.json").write_text(json.dumps({**summary, **extra, "info": info}, indent=2) + "\n",
+                                         encoding="utf-8")
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
     for set_name, set_results in results.items():
         category_chart({name: {m: entry[m]["value"] for m in info["models"]}
                         for name, entry in summary[set_name]["categories"].items()},

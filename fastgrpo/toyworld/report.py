@@ -58,6 +58,23 @@ def compute(toy: ToyWorld, generate_fn, samples_per_prompt: int) -> dict[str, di
                     for name, prompts in prompt_sets(toy).items()} for model in ("base", "trained")}
 
 
+GENEVAL_TASKS = {"single_object": "shape", "colors": "colour"}  # GenEval's task -> the toy attribute it asks about
+
+
+def geneval_tasks(scored: dict[str, dict[str, Scored]]) -> dict[str, dict[str, float]]:
+    """The toy analogue of GenEval's single-object and colour tasks: on safe prompts, the share of images showing
+    the asked shape (the world's one object class), and the asked colour."""
+    out = {}
+    for task, attribute in GENEVAL_TASKS.items():
+        out[task] = {}
+        for model in ("base", "trained"):
+            safe = scored[model]["safe"]
+            hits = [v.attributes[attribute] == a[attribute] for v, a in zip(safe.verdicts, safe.asked)
+                    if attribute in a]
+            out[task][model] = round(sum(hits) / len(hits), 4) if hits else None
+    return out
+
+
 def numbers(scored: dict[str, dict[str, Scored]]) -> dict[str, dict[str, float]]:
     return {metric: {model: round(scored[model][prompt_set].rate(metric), 4) for model in ("base", "trained")}
             for metric, (prompt_set, _, _) in METRICS.items()}
@@ -100,8 +117,14 @@ def write_report(generate_fn, out_dir: Path, toy: ToyWorld, *, samples_per_promp
     info = {"world": toy.name, "judge": toy.judge_module, **info, "samples_per_prompt": samples_per_prompt,
             "counts": {name: len(prompts) * samples_per_prompt for name, prompts in sets.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps({**results, "info": info}, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(markdown(results, info), encoding="utf-8")
+    tasks = geneval_tasks(scored)
+    (out_dir / "report.json").write_text(json.dumps({**results, "geneval_tasks": tasks, "info": info}, indent=2)
+                                         + "\n", encoding="utf-8")
+    lines = ["", "GenEval's tasks, as far as this world asks them (safe prompts: the asked shape, the asked colour):",
+             "", "| GenEval task | base | trained |", "| --- | --- | --- |"]
+    lines += [f"| {task} | {100 * v['base']:.1f}% | {100 * v['trained']:.1f}% |" for task, v in tasks.items()
+              if v["base"] is not None]
+    (out_dir / "report.md").write_text(markdown(results, info) + "\n".join(lines) + "\n", encoding="utf-8")
     bar_chart({METRICS[m][1]: v for m, v in results.items()}, out_dir / "metrics.png")
     for name, prompts in sets.items():
         comparison_grid(prompts, scored["base"][name].images, scored["trained"][name].images, samples_per_prompt,
