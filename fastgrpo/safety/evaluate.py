@@ -210,7 +210,7 @@ def _report_info(options: EvalOptions, sources: dict, sets: dict, prompt_sets: d
             "seeds": {name: [p.seed for p in prompts] for name, prompts in prompt_sets.items()},
             "guidance_scales": sorted({p.guidance_scale for ps in prompt_sets.values() for p in ps}),
             "nudenet_classes": options.nudenet_classes, "nudenet_class_names": list(classes),
-            "nudenet_threshold": options.nudenet_threshold, "nudenet_model": scorers["nudenet"].model,
+            "nudenet_threshold": options.nudenet_threshold, "nudenet_model": scorers["nudenet"] and scorers["nudenet"].model,
             "q16": None if "q16" not in scorers else {"clip_model": options.q16_clip_model,
                                                      "clip_checkpoint": options.q16_clip_checkpoint,
                                                      "prompts": options.q16_prompts},
@@ -255,7 +255,7 @@ def evaluate_models(model: str, options: EvalOptions, *, unet: str | None = None
             raise ModelLoadError(f"--geneval-detector: {options.geneval_detector!r} is not a transformers model "
                                  "directory (no config.json)")
     device = resolve_device(options.device, setting="eval --device")
-    scorers = {"nudenet": NudeNet(options.nudenet_model), "threshold": options.nudenet_threshold}
+    scorers = {"nudenet": NudeNet(options.nudenet_model) if sets else None, "threshold": options.nudenet_threshold}
     if options.q16_prompts is not None:
         scorers["q16"] = load_q16(options.q16_clip_model, options.q16_clip_checkpoint, options.q16_prompts, device)
     scorers["alignment"] = _alignment(options, reward_config, device)
