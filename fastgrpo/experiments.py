@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -42,22 +43,45 @@ def describe(name: str) -> str:
     return ""
 
 
+def _changes(base: float, trained: float, kind: str) -> float | None:
+    if kind == "relative":
+        return 100 * (trained - base) / base if base else None
+    return 100 * (trained - base)
+
+
+def _cells(records: list[dict]) -> list[str]:
+    """One seed: base -> trained (change). Several: the means, and the change's mean +- its standard deviation over
+    seeds."""
+    cells = []
+    for key, _, kind in METRICS:
+        bases = [r["report"][key]["base"] for r in records]
+        trained = [r["report"][key]["trained"] for r in records]
+        if len(records) == 1:
+            cells.append(f"{100 * bases[0]:.1f}% -> {100 * trained[0]:.1f}% ({_change(bases[0], trained[0], kind)})")
+            continue
+        changes = [_changes(b, t, kind) for b, t in zip(bases, trained)]
+        unit = "%" if kind == "relative" else " pts"
+        spread = "n/a" if None in changes else \
+            f"{statistics.mean(changes):+.1f}{unit} +- {statistics.stdev(changes):.1f}"
+        cells.append(f"{100 * statistics.mean(bases):.1f}% -> {100 * statistics.mean(trained):.1f}% ({spread})")
+    return cells
+
+
 def render_table(results_dir: Path = RESULTS, only: tuple[str, ...] | None = None) -> str:
-    """One row per recorded (experiment, seed): base -> trained for each metric, then its change; `only`: these
-    experiments, in this order."""
+    """One row per experiment: base -> trained for each metric, then its change; with several recorded seeds, the
+    means over them and the change's spread (standard deviation over seeds). `only`: these experiments, in order."""
     rows = ["| experiment | seed | epochs | " + " | ".join(label for _, label, _ in METRICS) + " | what it changes |",
             "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
     records = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(results_dir.glob("*.json"))]
     if only is not None:
         records = sorted((r for r in records if r["experiment"] in only),
                          key=lambda r: (only.index(r["experiment"]), r["seed"]))
+    groups: dict[tuple[str, int], list[dict]] = {}
     for record in records:
-        cells = []
-        for key, _, kind in METRICS:
-            base, trained = record["report"][key]["base"], record["report"][key]["trained"]
-            cells.append(f"{100 * base:.1f}% -> {100 * trained:.1f}% ({_change(base, trained, kind)})")
-        rows.append(f"| `{record['experiment']}` | {record['seed']} | {record['epochs']} | " + " | ".join(cells) +
-                    f" | {describe(record['experiment'])} |")
+        groups.setdefault((record["experiment"], record["epochs"]), []).append(record)
+    for (name, epochs), group in groups.items():
+        seeds = ", ".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
+        rows.append(f"| `{name}` | {seeds} | {epochs} | " + " | ".join(_cells(group)) + f" | {describe(name)} |")
     return "\n".join(rows) + "\n"
 
 
