@@ -110,6 +110,6 @@ def collect_epoch(s, epoch: int) -> EpochSamples:
     t = s.config.train
     advantages, keep = epoch_advantages(rewards, s.config.sample.group_size, std=t.adv_std, clip=t.adv_clip_max,
                                         drop_zero_std=t.drop_zero_std_groups, backend=t.ops_backend)
-    advantages = s.levers.transform_advantages(advantages, batch.is_unsafe)
+    advantages = s.levers.transform_advantages(advantages, batch.is_unsafe, epoch)
     return EpochSamples(epoch, batch, trajectories, sample_ids, rewards, advantages, keep, t1 - t0,
                         time.perf_counter() - t1)

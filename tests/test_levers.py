@@ -142,11 +142,29 @@ def test_advantage_and_coverage_levers_from_the_config():
     advantages = torch.tensor([1.5, -0.5, -1.0, 0.25])
     is_unsafe = torch.tensor([True, True, False, False])
     plain = build_levers(load_config())
-    assert torch.equal(plain.transform_advantages(advantages, is_unsafe), advantages)
+    assert torch.equal(plain.transform_advantages(advantages, is_unsafe, 0), advantages)
     assert plain.kl_covers(is_unsafe).all()
     both = build_levers(load_config(None, ["train.safe_advantages=zero", "train.negative_advantages=zero",
                                            "train.kl_prompts=safe"]))
-    assert both.transform_advantages(advantages, is_unsafe).tolist() == [1.5, 0.0, 0.0, 0.0]
+    assert both.transform_advantages(advantages, is_unsafe, 0).tolist() == [1.5, 0.0, 0.0, 0.0]
     assert both.kl_covers(is_unsafe).tolist() == [False, False, True, True]
     negative = build_levers(load_config(None, ["train.negative_advantages=zero"]))
-    assert negative.transform_advantages(advantages, is_unsafe).tolist() == [1.5, 0.0, 0.0, 0.25]
+    assert negative.transform_advantages(advantages, is_unsafe, 0).tolist() == [1.5, 0.0, 0.0, 0.25]
+
+
+
+def test_the_placebo_permutes_within_groups_each_epoch():
+    """train.advantage_control=shuffle: each group keeps its values (so its sum and magnitudes), in an order that is
+    a function of (seed, epoch) and differs between epochs."""
+    from fastgrpo.levers import build_levers
+
+    config = load_config(None, ["train.advantage_control=shuffle", "sample.group_size=4"])
+    levers = build_levers(config)
+    advantages = torch.arange(16, dtype=torch.float32)
+    is_unsafe = torch.zeros(16, dtype=torch.bool)
+    first = levers.transform_advantages(advantages, is_unsafe, 0)
+    for group in range(4):
+        assert sorted(first[4 * group:4 * group + 4].tolist()) == advantages[4 * group:4 * group + 4].tolist()
+    assert not torch.equal(first, advantages)
+    assert torch.equal(first, build_levers(config).transform_advantages(advantages, is_unsafe, 0))
+    assert not torch.equal(first, levers.transform_advantages(advantages, is_unsafe, 1))

@@ -1,8 +1,9 @@
 """Levers: optional changes to what an update does, one file each, reaching the trainer through three hooks.
 
-- **Advantage transforms** `(advantages (N,), is_unsafe (N,)) -> advantages`, applied in order after the group
-  normalisation (`fastgrpo.epoch.collect_epoch`): `safe_advantages.py` (`train.safe_advantages=zero`),
-  `negative_advantages.py` (`train.negative_advantages=zero`).
+- **Advantage transforms** `(advantages (N,), is_unsafe (N,), epoch) -> advantages`, applied in order after the
+  group normalisation (`fastgrpo.epoch.collect_epoch`): `safe_advantages.py` (`train.safe_advantages=zero`),
+  `negative_advantages.py` (`train.negative_advantages=zero`), `shuffled_advantages.py` (`train.advantage_control`,
+  a placebo control).
 - **Loss coverage** `is_unsafe (M,) -> (M,) bool`: the rows a loss term covers; the objectives ask it for the KL
   penalty (`kl_prompts.py`, `train.kl_prompts`).
 - **Step constraints**: objects with `before_step()` and `after_step()`, called by the engine around every optimiser
@@ -19,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from fastgrpo.levers import kl_prompts, negative_advantages, safe_advantages
+from fastgrpo.levers import kl_prompts, negative_advantages, safe_advantages, shuffled_advantages
 
-AdvantageTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AdvantageTransform = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,17 @@ class Levers:
     advantage_transforms: tuple[AdvantageTransform, ...] = ()
     kl_covers: Callable[[torch.Tensor], torch.Tensor] = field(default=kl_prompts.every_row)
 
-    def transform_advantages(self, advantages: torch.Tensor, is_unsafe: torch.Tensor) -> torch.Tensor:
+    def transform_advantages(self, advantages: torch.Tensor, is_unsafe: torch.Tensor, epoch: int) -> torch.Tensor:
         for transform in self.advantage_transforms:
-            advantages = transform(advantages, is_unsafe)
+            advantages = transform(advantages, is_unsafe, epoch)
         return advantages
 
 
 def build_levers(config) -> Levers:
     t = config.train
     transforms = []
+    if t.advantage_control == "shuffle":  # first: the levers below then act on the shuffled advantages
+        transforms.append(shuffled_advantages.within_groups(config.sample.group_size, config.run.seed))
     if t.safe_advantages == "zero":
         transforms.append(safe_advantages.zero)
     if t.negative_advantages == "zero":

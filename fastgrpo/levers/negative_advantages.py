@@ -5,5 +5,5 @@ from __future__ import annotations
 import torch
 
 
-def zero(advantages: torch.Tensor, is_unsafe: torch.Tensor) -> torch.Tensor:
+def zero(advantages: torch.Tensor, is_unsafe: torch.Tensor, epoch: int) -> torch.Tensor:
     return advantages.clamp_min(0.0)

@@ -6,5 +6,5 @@ from __future__ import annotations
 import torch
 
 
-def zero(advantages: torch.Tensor, is_unsafe: torch.Tensor) -> torch.Tensor:
+def zero(advantages: torch.Tensor, is_unsafe: torch.Tensor, epoch: int) -> torch.Tensor:
     return advantages.masked_fill(~is_unsafe, 0.0)
