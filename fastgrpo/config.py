@@ -138,9 +138,8 @@ class TrainConfig:
     safe_advantages: str = doc("'group': safe prompts' groups train on their own normalised advantages; 'zero': "
                                "their advantages are 0, so they train only through the KL penalty (if any)", "group",
                                choices=("group", "zero"))
-    advantage_control: str = doc("'none', or 'shuffle': a placebo control that permutes the advantages within each "
-                                 "group every epoch (the same magnitudes, no relation to the images), to measure "
-                                 "what an update of pure noise does to the model", "none", choices=("none", "shuffle"))
+    advantage_control: str = doc("'shuffle': a placebo that permutes each group's advantages every epoch (no link to "
+                                 "the images: what pure noise does); 'none'", "none", choices=("none", "shuffle"))
     negative_advantages: str = doc("'keep': samples below their group's mean train with their negative advantage "
                                    "(pushed away from); 'zero': only samples above the mean train (a filtered, "
                                    "bounded update: awm's negative advantages raise the denoising loss without "
