@@ -262,3 +262,6 @@ def test_eval_with_geneval_alone_scores_each_task(tiny_pipeline_dir, tiny_clip_f
     assert err.count("\n") == 0 and "needs a non-empty 'include' list" in err
     assert cli.main(args[:7] + ["--geneval-detector", str(tmp_path / "nowhere")] + args[9:]) == 2
     assert "--geneval-detector" in capsys.readouterr().err
+    assert cli.main(args[:11] + args[13:]) == 2  # no --geneval-clip-checkpoint: refused before any model loads
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--geneval needs --geneval-detector DIR and --geneval-clip-checkpoint" in err
