@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fastgrpo.config import load_config
+from fastgrpo.errors import FastGRPOError
 from fastgrpo.epoch import collect_epoch
 from fastgrpo.toyworld import spots_judge
 from fastgrpo.train import prepare
@@ -32,6 +33,8 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as out:  # prepare() writes a run directory: keep it off the config's own
         config = load_config(argv[0], [*argv[1:], f"run.output_dir={out}"])
+        if "toyworld-spots" not in config.model.pretrained:
+            raise ValueError(f"{argv[0]} is not a spot-world config (model.pretrained is {config.model.pretrained})")
         session, _, _ = prepare(config)
         _report(session, config)
 
@@ -62,5 +65,18 @@ def _report(session, config) -> None:
           f"corr(advantage, spot) {np.nanmean(with_spot):+.2f}, corr(advantage, big) {np.nanmean(with_big):+.2f}")
 
 
+def _cli(argv: list[str]) -> int:
+    """One line and exit 2 on a missing argument, a bad config or override, or a bad alpha."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: group_confound.py CONFIG [overrides ...]", file=sys.stderr)
+        return 2
+    try:
+        main(argv)
+    except (FastGRPOError, ValueError) as error:
+        print(f"group_confound.py: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(_cli(sys.argv[1:]))

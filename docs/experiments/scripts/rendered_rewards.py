@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fastgrpo.config import load_config
+from fastgrpo.errors import FastGRPOError
 from fastgrpo.prompts import load_prompts
 from fastgrpo.reward import load_clip_reward
 from fastgrpo.toyworld import spots, world
@@ -23,6 +24,8 @@ from fastgrpo.toyworld import spots, world
 
 def main(argv: list[str]) -> None:
     config = load_config(argv[0])
+    if "toyworld-spots" not in config.model.pretrained:
+        raise ValueError(f"{argv[0]} is not a spot-world config (model.pretrained is {config.model.pretrained})")
     settings = {"alpha": float(argv[1])} if len(argv) > 1 else {}
     reward = load_clip_reward(config.reward, torch.device("cpu"), **settings)
     rng = np.random.default_rng(0)
@@ -45,5 +48,18 @@ def main(argv: list[str]) -> None:
         print(*key, f"{np.mean(means[key]):.3f}", sep="\t")
 
 
+def _cli(argv: list[str]) -> int:
+    """One line and exit 2 on a missing argument, a bad config or override, or a bad alpha."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: rendered_rewards.py CONFIG [alpha]", file=sys.stderr)
+        return 2
+    try:
+        main(argv)
+    except (FastGRPOError, ValueError) as error:
+        print(f"rendered_rewards.py: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(_cli(sys.argv[1:]))
