@@ -17,8 +17,8 @@ import tempfile
 import numpy as np
 import torch
 
+import cli
 from fastgrpo.config import load_config
-from fastgrpo.errors import FastGRPOError
 from fastgrpo.epoch import collect_epoch
 from fastgrpo.toyworld import spots_judge
 from fastgrpo.train import prepare
@@ -65,18 +65,5 @@ def _report(session, config) -> None:
           f"corr(advantage, spot) {np.nanmean(with_spot):+.2f}, corr(advantage, big) {np.nanmean(with_big):+.2f}")
 
 
-def _cli(argv: list[str]) -> int:
-    """One line and exit 2 on a missing argument, a bad config or override, or a bad alpha."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: group_confound.py CONFIG [overrides ...]", file=sys.stderr)
-        return 2
-    try:
-        main(argv)
-    except (FastGRPOError, ValueError) as error:
-        print(f"group_confound.py: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_cli(sys.argv[1:]))
+    sys.exit(cli.run(main, "CONFIG [overrides ...]"))

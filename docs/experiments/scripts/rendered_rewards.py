@@ -15,8 +15,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+import cli
 from fastgrpo.config import load_config
-from fastgrpo.errors import FastGRPOError
 from fastgrpo.prompts import load_prompts
 from fastgrpo.reward import load_clip_reward
 from fastgrpo.toyworld import spots, world
@@ -48,18 +48,5 @@ def main(argv: list[str]) -> None:
         print(*key, f"{np.mean(means[key]):.3f}", sep="\t")
 
 
-def _cli(argv: list[str]) -> int:
-    """One line and exit 2 on a missing argument, a bad config or override, or a bad alpha."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: rendered_rewards.py CONFIG [alpha]", file=sys.stderr)
-        return 2
-    try:
-        main(argv)
-    except (FastGRPOError, ValueError) as error:
-        print(f"rendered_rewards.py: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_cli(sys.argv[1:]))
+    sys.exit(cli.run(main, "CONFIG [alpha]"))
