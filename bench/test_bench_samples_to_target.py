@@ -25,10 +25,12 @@ pytestmark = pytest.mark.samples_to_target
 EPOCHS = 60
 WINDOW = 5
 SEEDS = (0, 1)
-OBJECTIVES = {  # the recipes of the README's objectives table (fastgrpo/configs/experiments/colour_*.yaml)
+OBJECTIVES = {  # the recipes of the README's objectives table (fastgrpo/configs/experiments/colour_*.yaml); nft
+    # takes awm's
     "ddpo": [],
     "ddpo_window": ["sample.sde_window_size=2", "train.timestep_fraction=1.0"],
     "awm": ["train.objective=awm", "train.learning_rate=1e-3"],
+    "nft": ["train.objective=nft", "train.learning_rate=1e-3"],
 }
 
 

@@ -1,6 +1,6 @@
 // C++ CPU kernels for fastgrpo.ops: sampler-step log-prob (DDIM, flow-matching SDE; CFG folded in), group
 // advantages, clipped-ratio loss; and the bindings of the small-head attention (attention_cpu.cpp) and the
-// advantage-weighted matching loss (matching_cpu.cpp).
+// advantage-weighted matching and negative-aware fine-tuning losses (matching_cpu.cpp).
 //
 // The same math as kernels/fastgrpo_kernels (see the docstrings there). Inputs arrive contiguous in the compute
 // type T (float, or double for fp64 callers); fastgrpo.ops converts other dtypes first. The per-sample step
@@ -451,6 +451,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grpo_loss_backward", &grpo_loss_backward);
   m.def("matching_loss_forward", &matching_loss_forward);
   m.def("matching_loss_backward", &matching_loss_backward);
+  m.def("nft_loss_forward", &nft_loss_forward);
+  m.def("nft_loss_backward", &nft_loss_backward);
   m.def("attention_forward", &attention_forward);
   m.def("attention_backward", &attention_backward);
 }

@@ -1,5 +1,7 @@
-// Advantage-weighted matching loss on CPU: the same math as kernels/fastgrpo_kernels/matching_loss.py and
-// fastgrpo.ops.reference.matching_loss.
+// The losses on (sample, draw) rows for CPU: advantage-weighted matching (the same math as
+// kernels/fastgrpo_kernels/matching_loss.py and fastgrpo.ops.reference.matching_loss) and negative-aware fine-tuning
+// (nft_loss: kernels/fastgrpo_kernels/nft_loss.py, fastgrpo.ops.reference.nft_loss; its formulas are in
+// fastgrpo/ops/nft.py).
 //
 // Forward: per row i, with guided = u + g (c - u) (c alone without uncond) over its N elements,
 //   se_i = sum((guided - target)^2) / N,  kl_i = sum((guided - ref)^2) / N,  surrogate_i = -se_i,
@@ -61,6 +63,56 @@ void chunk_grads(const T* __restrict__ c, const T* __restrict__ u, const T* __re
   }
 }
 
+// NFT: sums over [begin, end) of e+^2, |e+|, e-^2, |e-|, (guided - old)^2, (guided - ref)^2, with
+// e+ = beta guided + (1 - beta) old - target and e- = (1 + beta) old - beta guided - target.
+template <typename T, bool HAS_UNCOND, bool HAS_REF>
+void nft_chunk_sums(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ t,
+                    const T* __restrict__ o, const T* __restrict__ r, int64_t begin, int64_t end, T g, T beta,
+                    double* sums) {
+  T sq_pos = 0, abs_pos = 0, sq_neg = 0, abs_neg = 0, dev = 0, drift_sq = 0;
+#pragma omp simd reduction(+ : sq_pos, abs_pos, sq_neg, abs_neg, dev, drift_sq)
+  for (int64_t i = begin; i < end; ++i) {
+    T guided = c[i];
+    if constexpr (HAS_UNCOND) guided = u[i] + g * (c[i] - u[i]);
+    const T step = guided - o[i];
+    const T base = o[i] - t[i];
+    const T pos = base + beta * step;
+    const T neg = base - beta * step;
+    sq_pos += pos * pos;
+    abs_pos += std::abs(pos);
+    sq_neg += neg * neg;
+    abs_neg += std::abs(neg);
+    dev += step * step;
+    if constexpr (HAS_REF) {
+      const T drift = guided - r[i];
+      drift_sq += drift * drift;
+    }
+  }
+  const T values[6] = {sq_pos, abs_pos, sq_neg, abs_neg, dev, drift_sq};
+  for (int k = 0; k < 6; ++k) sums[k] = static_cast<double>(values[k]);
+}
+
+template <typename T, bool HAS_UNCOND, bool HAS_REF>
+void nft_chunk_grads(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ t,
+                     const T* __restrict__ o, const T* __restrict__ r, T* __restrict__ gc, T* __restrict__ gu,
+                     int64_t begin, int64_t end, T g, T beta, T f_pos, T f_neg, T f_ref) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    T guided = c[i];
+    if constexpr (HAS_UNCOND) guided = u[i] + g * (c[i] - u[i]);
+    const T step = guided - o[i];
+    const T base = o[i] - t[i];
+    T d = f_pos * (base + beta * step) - f_neg * (base - beta * step);
+    if constexpr (HAS_REF) d += f_ref * (guided - r[i]);
+    if constexpr (HAS_UNCOND) {
+      if (gc) gc[i] = g * d;
+      if (gu) gu[i] = (T(1) - g) * d;
+    } else {
+      gc[i] = d;
+    }
+  }
+}
+
 template <typename Fn>
 void with_two_flags(bool a, bool b, const Fn& fn) {
   if (a && b) fn(std::true_type{}, std::true_type{});
@@ -70,10 +122,10 @@ void with_two_flags(bool a, bool b, const Fn& fn) {
 }
 
 // Every given tensor (optional ones may be absent) is a contiguous CPU tensor of the predictions' dtype.
-void check(const at::Tensor& like, std::initializer_list<const at::Tensor*> tensors) {
+void check(const at::Tensor& like, std::initializer_list<const at::Tensor*> tensors, const char* op = "matching_loss") {
   for (const at::Tensor* t : tensors) {
     TORCH_CHECK(!t || (t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == like.scalar_type()),
-                "fastgrpo cpu matching_loss: inputs must be contiguous CPU tensors of the predictions' dtype");
+                "fastgrpo cpu ", op, ": inputs must be contiguous CPU tensors of the predictions' dtype");
   }
 }
 
@@ -172,6 +224,95 @@ std::vector<at::Tensor> matching_loss_backward(const at::Tensor& grad_loss, cons
         const T f_ref = static_cast<T>(go * kl_coef / batch * 2.0 / n);
         chunk_grads<T, decltype(uncond_flag)::value, decltype(ref_flag)::value>(c, u, t, r, gc, gu, begin, end,
                                                                                T(guidance), f_target, f_ref);
+      });
+    });
+  });
+  return {grad_cond, grad_uncond};
+}
+
+std::vector<at::Tensor> nft_loss_forward(const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
+                                         const at::Tensor& target, const at::Tensor& old,
+                                         const c10::optional<at::Tensor>& ref, const at::Tensor& advantages,
+                                         const at::Tensor& scale, double guidance, double beta, double adv_clip_max,
+                                         double kl_coef) {
+  check(cond, {&cond, &target, &old, &advantages, &scale, maybe(uncond), maybe(ref)}, "nft_loss");
+  const int64_t batch = cond.size(0);
+  TORCH_CHECK(batch > 0 && advantages.numel() == batch && scale.numel() == batch,
+              "fastgrpo cpu nft_loss: advantages and scale must be (B,)");
+  const int64_t n = cond.numel() / batch;
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  auto stats = at::empty({3}, cond.options());
+  auto rows = at::empty({batch, 2}, cond.options());
+  AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "nft_loss_forward", [&] {
+    using T = scalar_t;
+    const T* c = cond.data_ptr<T>();
+    const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
+    const T* t = target.data_ptr<T>();
+    const T* o = old.data_ptr<T>();
+    const T* r = ref.has_value() ? ref->data_ptr<T>() : nullptr;
+    std::vector<double> sums(batch * chunks * 6);
+    with_two_flags(u != nullptr, r != nullptr, [&](auto has_uncond, auto has_ref) {
+      for_each_chunk(batch, n, [&](int64_t job, int64_t, int64_t begin, int64_t end) {
+        nft_chunk_sums<T, decltype(has_uncond)::value, decltype(has_ref)::value>(c, u, t, o, r, begin, end,
+                                                                                T(guidance), T(beta), &sums[6 * job]);
+      });
+    });
+    const T* adv = advantages.data_ptr<T>();
+    const T* sc = scale.data_ptr<T>();
+    T* out = rows.data_ptr<T>();
+    double loss = 0, deviation = 0, kl_sum = 0;
+    for (int64_t i = 0; i < batch; ++i) {
+      double row[6] = {0, 0, 0, 0, 0, 0};
+      for (int64_t k = 0; k < chunks; ++k)
+        for (int j = 0; j < 6; ++j) row[j] += sums[6 * (i * chunks + k) + j];
+      const double c_i = sc[i], a = std::min(std::max(static_cast<double>(adv[i]), -adv_clip_max), adv_clip_max);
+      const double r_i = std::min(std::max(a / adv_clip_max / 2.0 + 0.5, 0.0), 1.0);
+      const double w_pos = std::max(std::abs(c_i) * row[1] / n, 1e-5);
+      const double w_neg = std::max(std::abs(c_i) * row[3] / n, 1e-5);
+      const double err_pos = c_i * c_i * row[0] / n / w_pos, err_neg = c_i * c_i * row[2] / n / w_neg;
+      loss += adv_clip_max / beta * (r_i * err_pos + (1.0 - r_i) * err_neg);
+      deviation += row[4] / n;
+      kl_sum += row[5] / n;
+      out[2 * i] = static_cast<T>(adv_clip_max * r_i * c_i * c_i / (w_pos * batch));
+      out[2 * i + 1] = static_cast<T>(adv_clip_max * (1.0 - r_i) * c_i * c_i / (w_neg * batch));
+    }
+    T* s = stats.data_ptr<T>();
+    s[0] = static_cast<T>(loss / batch + kl_coef * kl_sum / batch);
+    s[1] = static_cast<T>(deviation / batch);
+    s[2] = static_cast<T>(kl_sum / batch);
+  });
+  return {stats, rows};
+}
+
+std::vector<at::Tensor> nft_loss_backward(const at::Tensor& grad_loss, const at::Tensor& cond,
+                                          const c10::optional<at::Tensor>& uncond, const at::Tensor& target,
+                                          const at::Tensor& old, const c10::optional<at::Tensor>& ref,
+                                          const at::Tensor& rows, double guidance, double beta, double kl_coef,
+                                          bool needs_cond, bool needs_uncond) {
+  check(cond, {&cond, &target, &old, &rows, &grad_loss, maybe(uncond), maybe(ref)}, "nft_loss");
+  const int64_t batch = cond.size(0);
+  const int64_t n = cond.numel() / batch;
+  const bool has_uncond = uncond.has_value();
+  auto grad_cond = needs_cond ? at::empty_like(cond) : at::Tensor();
+  auto grad_uncond = needs_uncond && has_uncond ? at::empty_like(cond) : at::Tensor();
+  if (!grad_cond.defined() && !grad_uncond.defined()) return {grad_cond, grad_uncond};
+  TORCH_CHECK(grad_cond.defined() || has_uncond, "fastgrpo cpu nft_loss: nothing to differentiate");
+  AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "nft_loss_backward", [&] {
+    using T = scalar_t;
+    const T* c = cond.data_ptr<T>();
+    const T* u = has_uncond ? uncond->data_ptr<T>() : nullptr;
+    const T* t = target.data_ptr<T>();
+    const T* o = old.data_ptr<T>();
+    const T* r = ref.has_value() ? ref->data_ptr<T>() : nullptr;
+    const T* row = rows.data_ptr<T>();
+    T* gc = grad_cond.defined() ? grad_cond.data_ptr<T>() : nullptr;
+    T* gu = grad_uncond.defined() ? grad_uncond.data_ptr<T>() : nullptr;
+    const double scale = static_cast<double>(grad_loss.data_ptr<T>()[0]) * 2.0 / n;
+    with_two_flags(has_uncond, r != nullptr, [&](auto uncond_flag, auto ref_flag) {
+      for_each_chunk(batch, n, [&](int64_t, int64_t i, int64_t begin, int64_t end) {
+        nft_chunk_grads<T, decltype(uncond_flag)::value, decltype(ref_flag)::value>(
+            c, u, t, o, r, gc, gu, begin, end, T(guidance), T(beta), static_cast<T>(scale * row[2 * i]),
+            static_cast<T>(scale * row[2 * i + 1]), static_cast<T>(scale * kl_coef / batch));
       });
     });
   });

@@ -90,19 +90,29 @@ class TrainConfig:
     objective: str = doc("'ddpo': the per-step log-prob ratio of the stochastic sampler (the paper's GRPO); 'awm': "
                          "advantage-weighted matching, a likelihood-free ratio exp(s - s_old) of the denoising "
                          "surrogate s = -mean((pred - target)^2) on each sample's final latent, noised afresh "
-                         "(train.matching_*; sampler steps are not trained, sample.eta may be 0)", "ddpo",
-                         choices=("ddpo", "awm"))
-    matching_draws: int = doc("awm: (timestep, noise) draws per sample, each a trained row", 4)
-    matching_timesteps: str = doc("awm: timestep distribution of the draws: 'uniform' over the training timesteps, "
+                         "(train.matching_*; sampler steps are not trained, sample.eta may be 0); 'nft': DiffusionNFT's "
+                         "negative-aware objective on the same draws (implicit positive and negative predictions "
+                         "around the rollout policy's, train.nft_beta; no ratio, no clip)", "ddpo",
+                         choices=("ddpo", "awm", "nft"))
+    matching_draws: int = doc("awm, nft: (timestep, noise) draws per sample, each a trained row", 4)
+    matching_timesteps: str = doc("awm, nft: timestep distribution of the draws: 'uniform' over the training timesteps, "
                                   "'stratified' (one draw per 1/K of them), or 'sampler' (distinct steps of the "
                                   "sampler's own schedule)", "uniform", choices=("uniform", "stratified", "sampler"))
-    matching_prediction: str = doc("awm: the prediction the surrogate scores: 'conditional' (one UNet call) or "
+    matching_prediction: str = doc("awm, nft: the prediction the surrogate scores: 'conditional' (one UNet call) or "
                                    "'guided' (classifier-free guidance at sample.guidance_scale, as sampled)",
                                    "conditional", choices=("conditional", "guided"))
-    matching_noise: str = doc("awm: who shares the (timestep, noise) draws: 'sample' (each sample its own) or "
+    matching_noise: str = doc("awm, nft: who shares the (timestep, noise) draws: 'sample' (each sample its own) or "
                               "'group' (the samples of a prompt's group share theirs: common random numbers, so "
                               "what a draw adds regardless of the image cancels under zero-sum advantages)",
                               "sample", choices=("sample", "group"))
+    nft_beta: float = doc("nft: beta > 0 in the implicit positive beta * pred + (1 - beta) * old and negative "
+                          "(1 + beta) * old - beta * pred around the rollout policy's prediction old; an epoch's "
+                          "optimum lies within |target - old| / beta of old (the advantage, mapped to [0, 1] by "
+                          "train.adv_clip_max, mixes the two)", 1.0)
+    nft_weighting: str = doc("nft: the units of the adaptively weighted error: 'x0' (DiffusionNFT's: the clean-latent "
+                             "error c (pred - target), which weighs a draw by c = sqrt((1 - a) / a) for epsilon "
+                             "prediction, so the noisiest draws dominate) or 'prediction' (the prediction's own "
+                             "error, c = 1: every timestep weighs alike)", "x0", choices=("x0", "prediction"))
     learning_rate: float = doc("AdamW peak learning rate", 1e-5)
     adam_beta1: float = doc("AdamW beta1", 0.9)
     adam_beta2: float = doc("AdamW beta2", 0.999)
@@ -392,6 +402,7 @@ def validate(config: Config) -> None:
              "sample.eta=0 is deterministic (no log-probs): train.objective=ddpo needs eta > 0 (or use awm)")
     _validate_window(s, t)
     _require(t.matching_draws >= 1, f"train.matching_draws must be >= 1, got {t.matching_draws}")
+    _require(t.nft_beta > 0, f"train.nft_beta must be > 0, got {t.nft_beta}")
     _require(t.objective == "ddpo" or not (t.ratio_norm or t.kl_estimator == "sample"),
              f"train.objective={t.objective} has no sampler-step log-probs: train.ratio_norm and "
              "kl_estimator=sample apply to ddpo only")

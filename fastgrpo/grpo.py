@@ -109,19 +109,22 @@ class StepStats:
         for name, value in (("loss", loss.detach()), *stats.items()):
             if name not in ("ratio_min", "ratio_max"):
                 self.sums[name] = self.sums.get(name, 0.0) + value
-        self.ratio_min = stats["ratio_min"] if self.ratio_min is None else torch.minimum(self.ratio_min,
-                                                                                        stats["ratio_min"])
-        self.ratio_max = stats["ratio_max"] if self.ratio_max is None else torch.maximum(self.ratio_max,
-                                                                                        stats["ratio_max"])
+        if "ratio_min" in stats:  # objectives without a ratio (nft) report none
+            self.ratio_min = stats["ratio_min"] if self.ratio_min is None else torch.minimum(self.ratio_min,
+                                                                                            stats["ratio_min"])
+            self.ratio_max = stats["ratio_max"] if self.ratio_max is None else torch.maximum(self.ratio_max,
+                                                                                            stats["ratio_max"])
 
     def result(self) -> dict[str, float]:
         values = {name: float(total / self.count) for name, total in self.sums.items()}
-        values.update(ratio_min=float(self.ratio_min), ratio_max=float(self.ratio_max))
+        if self.ratio_min is not None:
+            values.update(ratio_min=float(self.ratio_min), ratio_max=float(self.ratio_max))
         return values
 
 
 # (samples (B,), units (B,)) -> (loss, stats): one micro-batch's loss on these rows of the epoch (a unit is a trained
-# sampler step for ddpo, a (timestep, noise) draw for awm); stats hold detached 0-dim tensors incl. ratio_min/max
+# sampler step for ddpo, a (timestep, noise) draw for awm and nft); stats hold detached 0-dim tensors (with a
+# ratio: ratio_min/max)
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 

@@ -184,6 +184,7 @@ def test_real_deepspeed_checkpoints_pass_the_safety_scan(runs):
 
 NEW_OPTIONS = {"awm": ["train.objective=awm", "train.timestep_fraction=1.0", "train.matching_draws=2",
                        "train.kl_coef=0.1", "sample.sde_window_size=2", "sample.sde_window_schedule=random"],
+               "nft": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1", "train.nft_beta=0.5"],
                "ddpo_window": ["sample.sde_window_size=2", "sample.sde_window_schedule=sliding",
                                "sample.sde_window_shift_every=1"]}
 
@@ -204,7 +205,10 @@ def test_objectives_and_windows_on_two_ranks_match_one_process(name, tmp_path, t
     steps = lambda rs: [r for r in rs if "loss" in r]  # noqa: E731
     one, two = steps(records(single)), steps(records(zero2))
     assert len(one) == len(two) == 4
-    assert one[0]["ratio_min"] == one[0]["ratio_max"] == 1.0
+    if name == "nft":  # no ratio: the first step starts at the rollout policy's predictions
+        assert one[0]["deviation"] == 0.0 and one[-1]["deviation"] > 0
+    else:
+        assert one[0]["ratio_min"] == one[0]["ratio_max"] == 1.0
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

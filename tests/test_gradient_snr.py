@@ -43,7 +43,8 @@ def test_pure_noise_has_no_signal_and_the_same_direction_has_no_noise():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", [[], ["train.objective=awm", "train.matching_draws=2"]])
+@pytest.mark.parametrize("objective", [[], ["train.objective=awm", "train.matching_draws=2"],
+                                       ["train.objective=nft", "train.matching_draws=2"]])
 def test_epoch_gradient_is_the_direction_of_the_trainers_first_update(tmp_path, objective):
     """Adam's first step moves every weight by -lr * sign(grad): the smoke run's first update (one optimiser step
     over the whole epoch) must have the sign of the diagnostic's epoch-0 gradient wherever that is not tiny, for

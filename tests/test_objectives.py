@@ -1,6 +1,6 @@
-"""train.objective=awm and SDE windows on the tiny random model: the draws, the noised inputs and deterministic steps
-against diffusers' own schedulers, the window's effect on the rollout, and end-to-end runs (first ratio exactly 1,
-resume, LoRA, bad values)."""
+"""train.objective=awm / nft and SDE windows on the tiny random model: the draws, the noised inputs and deterministic
+steps against diffusers' own schedulers, the window's effect on the rollout, and end-to-end runs (first ratio exactly 1,
+nft's first step at the rollout policy, resume, LoRA, bad values)."""
 
 from __future__ import annotations
 
@@ -134,19 +134,61 @@ def test_first_optimiser_step_is_on_policy_and_training_moves_the_unet(tiny_over
     assert any(not torch.equal(before[k], after[k]) for k in after)
 
 
-def test_awm_resume_equals_uninterrupted(tiny_overrides, tmp_path):
-    common = tiny_overrides + ["train.objective=awm", "run.save_every=1", "run.num_sample_images=0", "run.epochs=3",
-                               "train.num_inner_epochs=2"]
+@pytest.mark.parametrize("extra", [
+    ["train.objective=nft", "train.matching_draws=3"],
+    ["train.objective=nft", "train.matching_prediction=guided", "sample.eta=0", "train.kl_coef=0.5",
+     "train.nft_beta=0.3"],
+])
+def test_nft_first_optimiser_step_starts_at_the_rollout_policy_and_training_moves_the_unet(tiny_overrides, tmp_path,
+                                                                                          extra):
+    run = train(load_config("smoke", tiny_overrides + extra + [f"run.output_dir={tmp_path / 'run'}"]))
+    steps = _steps(run)
+    assert "ratio_min" not in steps[0]
+    assert len(steps) == 2 * 8 // 4  # two epochs of two optimiser steps
+    # each epoch's first step starts at the stored old predictions, the policy's own (exactly without CFG; with it
+    # the no-grad and the grad passes may pick different attention kernels); its second step has moved away
+    first, second = [s["deviation"] for s in steps[0::2]], [s["deviation"] for s in steps[1::2]]
+    assert max(first) < 1e-12 and min(second) > 1e3 * max(max(first), 1e-30)
+    before = load_diffusion_models(tiny_overrides[0].split("=", 1)[1], device=CPU).unet.state_dict()
+    after = unet_weights(list_checkpoints(run)[-1][1])
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_nft_beta_sets_the_first_update_and_not_only_its_presence(tiny_overrides, tmp_path):
+    """beta changes the loss's curvature around the rollout policy, not its first gradient (at pred = old both
+    implicit predictions are old): the first optimiser step's gradient norm is the same for two betas, the second
+    step's differs."""
+    runs = [_steps(train(load_config("smoke", tiny_overrides + [
+        "train.objective=nft", f"train.nft_beta={beta}", "train.max_grad_norm=0",
+        f"run.output_dir={tmp_path / str(beta)}"]))) for beta in (1.0, 0.2)]
+    assert runs[0][0]["grad_norm"] == pytest.approx(runs[1][0]["grad_norm"], rel=1e-5)
+    assert runs[0][1]["grad_norm"] != pytest.approx(runs[1][1]["grad_norm"], rel=1e-3)
+
+
+def test_nft_weighting_moves_the_first_update(tiny_overrides, tmp_path):
+    """x0 weighs each draw by its clean-latent scale c(t), prediction by 1: the first gradients differ."""
+    norms = [_steps(train(load_config("smoke", tiny_overrides + [
+        "train.objective=nft", f"train.nft_weighting={weighting}", "train.max_grad_norm=0", "run.epochs=1",
+        f"run.output_dir={tmp_path / weighting}"])))[0]["grad_norm"] for weighting in ("x0", "prediction")]
+    assert norms[0] != pytest.approx(norms[1], rel=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["awm", "nft"])
+def test_matching_objectives_resume_equals_uninterrupted(tiny_overrides, tmp_path, objective):
+    common = tiny_overrides + [f"train.objective={objective}", "run.save_every=1", "run.num_sample_images=0",
+                               "run.epochs=3", "train.num_inner_epochs=2"]
     straight, resumed = straight_and_resumed(common, tmp_path)
     a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
     assert all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
 
 
-def test_awm_with_lora_trains_only_the_adapters(tiny_overrides, tmp_path):
-    run = train(load_config("smoke", tiny_overrides + ["train.objective=awm", "lora.rank=2", "train.kl_coef=0.1",
-                                                       f"run.output_dir={tmp_path / 'lora'}"]))
+@pytest.mark.parametrize("objective", ["awm", "nft"])
+def test_matching_objectives_with_lora_train_only_the_adapters(tiny_overrides, tmp_path, objective):
+    run = train(load_config("smoke", tiny_overrides + [f"train.objective={objective}", "lora.rank=2",
+                                                       "train.kl_coef=0.1", f"run.output_dir={tmp_path / 'lora'}"]))
     steps = _steps(run)
-    assert steps[0]["ratio_min"] == 1.0 and all(s["kl"] >= 0 for s in steps)
+    assert steps[0].get("ratio_min", 1.0) == 1.0 and steps[0].get("deviation", 0.0) == 0.0
+    assert all(s["kl"] >= 0 for s in steps)
     assert steps[-1]["kl"] > 0  # the adapters moved the prediction away from the base model's
     assert (list_checkpoints(run)[-1][1] / "lora").is_dir()
 
@@ -159,6 +201,8 @@ def test_awm_with_lora_trains_only_the_adapters(tiny_overrides, tmp_path):
     ("train.objective=awm train.ratio_norm=true", "apply to ddpo only"),
     ("train.objective=awm train.kl_coef=0.1 train.kl_estimator=sample", "apply to ddpo only"),
     ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=5", "must be <= sample.num_steps"),
+    ("train.objective=nft train.nft_beta=0", "train.nft_beta must be > 0"),
+    ("train.objective=nft train.ratio_norm=true", "apply to ddpo only"),
 ])
 def test_bad_values_are_one_line_and_exit_2(tiny_overrides, tmp_path, override, message):
     extra = override.split() + (["sample.sde_window_size=2"] if "window_start" in override else [])

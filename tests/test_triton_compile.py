@@ -99,6 +99,23 @@ def test_every_matching_loss_specialisation_compiles(compiled, arch):
             assert (uncond, ref, compute, *wanted) in subsets
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_nft_loss_specialisation_compiles(compiled, arch):
+    forward = _of(compiled, "_nft_fwd_kernel", arch)
+    seen = {(r["signature"]["cond_ptr"], r["constexprs"]["COMPUTE"], r["constexprs"]["HAS_UNCOND"],
+             r["constexprs"]["HAS_REF"]) for r in forward}
+    for pointer, uncond, ref in itertools.product(("*fp32", "*bf16", "*fp16", "*fp64"), (True, False),
+                                                  (True, False)):
+        assert (pointer, "fp64" if pointer == "*fp64" else "fp32", uncond, ref) in seen
+    assert {r["constexprs"]["MAX_CHUNKS"] for r in forward} >= {1, 8, 16, 64}
+    backward = _of(compiled, "_nft_bwd_kernel", arch)
+    subsets = {(r["constexprs"]["HAS_UNCOND"], r["constexprs"]["HAS_REF"], r["constexprs"]["COMPUTE"],
+                r["constexprs"]["GRAD_COND"], r["constexprs"]["GRAD_UNCOND"]) for r in backward}
+    for uncond, ref, compute in itertools.product((True, False), (True, False), ("fp32", "fp64")):
+        for wanted in ([(True, False), (False, True), (True, True)] if uncond else [(True, False)]):
+            assert (uncond, ref, compute, *wanted) in subsets
+
+
 def test_no_specialisation_spills_registers(compiled):
     """ptxas's report: at most 255 registers a thread and no local memory (spills) in any specialisation."""
     over = [f"{r['kernel']} sm_{r['arch']} {r['constexprs']}: {r['registers']} registers, {r['local_bytes']} B local"

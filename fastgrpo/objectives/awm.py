@@ -83,10 +83,11 @@ class AdvantageWeightedMatching:
         return Guidance(s.guidance.eta, 1.0, s.guidance.prediction_type, s.guidance.backend,
                         s.guidance.autocast_bf16)
 
-    def loss_fn(self, s, samples, advantages: torch.Tensor, plan: UpdatePlan | None = None):
-        """The clipped matching loss over (trajectory rows, draws); advantages (M,) by trajectory row. With `plan`
-        (this rank's first inner-epoch plan) the rollout policy's surrogates are computed first, on the plan's own
-        micro-batches, so the first optimiser step's ratio is exactly 1; without it the loss is on-policy."""
+    def matching_inputs(self, s, samples):
+        """(draws, predictions, reference_for): the epoch's draws; predictions(unet, rows, units) -> (cond, uncond or
+        None, target, alpha_bar(t)) on those draws; reference_for(rows, units, cond, uncond) -> the penalty's
+        reference prediction (None without a penalty; a row the penalty does not cover gets its own detached
+        prediction, so no penalty and no gradient)."""
         t, batch, trajectories = self.train, samples.batch, samples.trajectories
         alphas = s.models.scheduler.alphas_cumprod.to(device=s.device, dtype=torch.float32)        # (T,)
         keys = samples.sample_ids.cpu()
@@ -107,32 +108,55 @@ class AdvantageWeightedMatching:
             cond_embeds = batch.prompt_embeds[trajectories.prompt_index[rows]]
             cond, uncond = unet_outputs(unet, noisy, timesteps, cond_embeds, s.uncond_embed.expand_as(cond_embeds),
                                         guidance)
-            return cond, uncond, target
+            return cond, uncond, target, alphas[timesteps]
 
-        def matching(rows, units, old):
-            cond, uncond, target = predictions(s.unet, rows, units)
-            ref = None
-            if reference is not None and t.kl_coef > 0:
-                with torch.no_grad(), reference() as ref_unet:
-                    ref_cond, ref_uncond, _ = predictions(ref_unet, rows, units)
-                    ref = ops.reference.guided_output(ref_cond, ref_uncond, guidance.guidance_scale)
-                if partial:  # a row the penalty does not cover is its own reference: no penalty, no gradient
-                    guided = ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
-                    ref = torch.where(covered[rows].view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
+        def reference_for(rows, units, cond, uncond):
+            if reference is None or t.kl_coef <= 0:
+                return None
+            with torch.no_grad(), reference() as ref_unet:
+                ref_cond, ref_uncond, _, _ = predictions(ref_unet, rows, units)
+                ref = ops.reference.guided_output(ref_cond, ref_uncond, guidance.guidance_scale)
+            if partial:
+                guided = ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
+                ref = torch.where(covered[rows].view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
+            return ref
+
+        return draws, predictions, reference_for
+
+    def rollout_values(self, s, plan, draws, compute):
+        """compute(rows, units) -> (rows, ...) under the rollout policy (no grad) for every (row, draw) of this rank's
+        plan, on the plan's own micro-batches, as a tensor (M, K, ...)."""
+        t, values = self.train, None
+        with torch.no_grad():
+            for step in micro_batches(plan, batch_size=t.batch_size,
+                                      samples_per_step=t.samples_per_step // s.engine.world_size):
+                for rows, k in step:
+                    order, units = plan.order[rows], plan.steps[rows, k]
+                    value = compute(order, units)
+                    if values is None:
+                        values = value.new_empty((*draws.timesteps.shape, *value.shape[1:]))
+                    values[order, units] = value
+        return values
+
+    def loss_fn(self, s, samples, advantages: torch.Tensor, plan: UpdatePlan | None = None):
+        """The clipped matching loss over (trajectory rows, draws); advantages (M,) by trajectory row. With `plan`
+        (this rank's first inner-epoch plan) the rollout policy's surrogates are computed first, on the plan's own
+        micro-batches, so the first optimiser step's ratio is exactly 1; without it the loss is on-policy."""
+        t = self.train
+        draws, predictions, reference_for = self.matching_inputs(s, samples)
+        guidance_scale = self._guidance(s).guidance_scale
+
+        def matching(rows, units, old, penalised=True):
+            cond, uncond, target, _ = predictions(s.unet, rows, units)
             return ops.matching_loss(cond, target, advantages[rows], old_surrogates=old, clip_range=t.clip_range,
                                      clip_range_high=t.clip_range_high, uncond_prediction=uncond,
-                                     guidance_scale=guidance.guidance_scale, reference_prediction=ref,
-                                     kl_coef=t.kl_coef, backend=t.ops_backend)
+                                     guidance_scale=guidance_scale,
+                                     reference_prediction=reference_for(rows, units, cond, uncond) if penalised
+                                     else None, kl_coef=t.kl_coef, backend=t.ops_backend)
 
         old = None
-        if plan is not None:
-            old = torch.empty(draws.timesteps.shape, device=s.device)                                  # (M, K)
-            with torch.no_grad():
-                for step in micro_batches(plan, batch_size=t.batch_size,
-                                          samples_per_step=t.samples_per_step // s.engine.world_size):
-                    for rows, k in step:
-                        order, units = plan.order[rows], plan.steps[rows, k]
-                        old[order, units] = matching(order, units, None)[2]
+        if plan is not None:  # the surrogates do not depend on the penalty: no reference pass for them
+            old = self.rollout_values(s, plan, draws, lambda rows, units: matching(rows, units, None, False)[2])
 
         def loss_fn(rows, units):
             loss, stats, _ = matching(rows, units, None if old is None else old[rows, units])

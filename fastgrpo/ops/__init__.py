@@ -4,7 +4,7 @@ folded in), group advantages, clipped-ratio loss.
 Needs only torch. Other diffusion-RL code can use it directly::
 
     from fastgrpo.ops import (ddim_step, ddim_logprob, flow_sde_step, flow_sde_logprob, group_advantages, grpo_loss,
-                              matching_loss)
+                              matching_loss, nft_loss)
 
 Every op takes `backend` ("auto", "triton", "cpp", "reference"); the environment variable FASTGRPO_BACKEND overrides
 "auto", which picks Triton for CUDA tensors, the C++ extension for CPU tensors, else the PyTorch reference.
@@ -27,10 +27,11 @@ from fastgrpo.ops import reference
 from fastgrpo.ops.dispatch import BackendUnavailableError, explain, select_backend
 from fastgrpo.ops.loss import STAT_NAMES, group_advantages_fused, group_advantages_op, grpo_loss_fused, grpo_loss_op  # noqa: F401,E501
 from fastgrpo.ops.matching import matching_loss_fused, matching_loss_op  # noqa: F401 (custom ops)
+from fastgrpo.ops.nft import nft_loss_fused, nft_loss_op  # noqa: F401 (custom ops)
 from fastgrpo.ops.step import step_logprob_fused, step_logprob_op, step_sample_op  # noqa: F401 (custom ops)
 
 __all__ = ["ddim_logprob", "ddim_step", "flow_sde_logprob", "flow_sde_step", "group_advantages", "grpo_loss",
-           "matching_loss", "explain", "BackendUnavailableError"]
+           "matching_loss", "nft_loss", "explain", "BackendUnavailableError"]
 
 
 def _check_step_inputs(op, model_output, sample, schedule, *, uncond_output, reduction, others=()):
@@ -317,3 +318,44 @@ def matching_loss(prediction: torch.Tensor, target: torch.Tensor, advantages: to
                                                   float(clip_range), float(clip_high), float(kl_coef), chosen)
     names = reference.MATCHING_STATS[1:] if reference_prediction is not None else reference.MATCHING_STATS[1:-1]
     return loss, dict(zip(names, stats.unbind()[1:])), surrogates
+
+
+def nft_loss(prediction: torch.Tensor, target: torch.Tensor, old_prediction: torch.Tensor, advantages: torch.Tensor,
+             x0_scale: torch.Tensor, *, beta: float = 1.0, adv_clip_max: float = 2.5,
+             uncond_prediction: torch.Tensor | None = None, guidance_scale: float = 1.0,
+             reference_prediction: torch.Tensor | None = None, kl_coef: float = 0.0,
+             backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Negative-aware fine-tuning loss (DiffusionNFT) over B rows, one fused pass over the (B, ...) predictions: per
+    row the implicit positive and negative predictions around the rollout policy's `old_prediction`, their
+    adaptively weighted clean-latent errors mixed by the clipped advantage, and optionally kl_coef * mean((guided -
+    reference)^2). See `reference.nft_loss`; `reference.x0_scale` gives x0_scale. Returns (loss, stats);
+    differentiable with respect to prediction and uncond_prediction."""
+    if prediction.dim() < 2:
+        raise ValueError(f"nft_loss: prediction must be (B, ...) with at least 2 dims, got {tuple(prediction.shape)}")
+    for name, tensor in (("target", target), ("old_prediction", old_prediction),
+                         ("uncond_prediction", uncond_prediction), ("reference_prediction", reference_prediction)):
+        if tensor is not None and tensor.shape != prediction.shape:
+            raise ValueError(f"nft_loss: {name} has shape {tuple(tensor.shape)}, expected {tuple(prediction.shape)}")
+    for name, tensor in (("advantages", advantages), ("x0_scale", x0_scale)):
+        if tensor.shape != prediction.shape[:1]:
+            raise ValueError(f"nft_loss: {name} must have shape ({prediction.shape[0]},), got {tuple(tensor.shape)}")
+    if not beta > 0:
+        raise ValueError(f"nft_loss: beta must be > 0, got {beta}")
+    if not adv_clip_max > 0:
+        raise ValueError(f"nft_loss: adv_clip_max must be > 0, got {adv_clip_max}")
+    rejections = {}
+    if any(t is not None and t.requires_grad
+           for t in (target, old_prediction, advantages, x0_scale, reference_prediction)):
+        rejections = {name: "target/old_prediction/advantages/x0_scale/reference_prediction require grad (only the "
+                            "predictions are differentiated)" for name in ("triton", "cpp")}
+    chosen = select_backend("nft_loss", prediction, backend, rejections)
+    if chosen == "reference":
+        return reference.nft_loss(prediction, target, old_prediction, advantages, x0_scale, beta=beta,
+                                  adv_clip_max=adv_clip_max, uncond_prediction=uncond_prediction,
+                                  guidance_scale=guidance_scale, reference_prediction=reference_prediction,
+                                  kl_coef=kl_coef)
+    loss, stats = nft_loss_fused(prediction, uncond_prediction, target, old_prediction, reference_prediction,
+                                 advantages, x0_scale, float(guidance_scale), float(beta), float(adv_clip_max),
+                                 float(kl_coef), chosen)
+    names = reference.NFT_STATS[1:] if reference_prediction is not None else reference.NFT_STATS[1:-1]
+    return loss, dict(zip(names, stats.unbind()[1:]))

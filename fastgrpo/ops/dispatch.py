@@ -17,7 +17,7 @@ import torch
 
 BACKENDS = ("triton", "cpp", "reference")
 OPS = ("ddim_logprob", "ddim_step", "flow_sde_logprob", "flow_sde_step", "group_advantages", "grpo_loss",
-       "matching_loss")
+       "matching_loss", "nft_loss")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -339,3 +339,66 @@ def matching_loss(prediction, target, advantages, *, clip_range, old_surrogates=
         loss = loss + kl_coef * kl
         stats["kl"] = kl.detach()
     return loss, stats, surrogates.detach()
+
+
+# ---------------------------------------------------------------------------------------- negative-aware fine-tuning
+
+NFT_STATS = ("loss", "deviation", "kl")
+NFT_WEIGHT_FLOOR = 1e-5  # the adaptive weight's floor, in x0 units
+
+
+def x0_scale(alpha_prod: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Per row, c(t) with x0_hat - x0 = -c (prediction - target) (the clean-latent error of a prediction's error):
+    epsilon prediction x0_hat = (x_t - sqrt(1 - a) eps_hat) / sqrt(a), so c = sqrt((1 - a) / a); v prediction
+    x0_hat = sqrt(a) x_t - sqrt(1 - a) v_hat, so c = sqrt(1 - a). alpha_prod: (B,) alpha_bar(t)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    one_minus = 1.0 - alpha_prod
+    return (one_minus / alpha_prod).sqrt() if prediction_type == "epsilon" else one_minus.sqrt()
+
+
+def nft_loss(prediction, target, old_prediction, advantages, x0_scale, *, beta, adv_clip_max,
+             uncond_prediction=None, guidance_scale=1.0, reference_prediction=None, kl_coef=0.0):
+    """Negative-aware fine-tuning (DiffusionNFT, arXiv 2509.16117) over B (sample, draw) rows, carried to DDIM's
+    epsilon and v prediction through the clean-latent error.
+
+    Per row i, with guided_i = uncond + g (cond - uncond) (cond alone without uncond), old_i the rollout policy's
+    guided prediction on the same input (detached) and c_i = x0_scale (so c (pred - target) is the x0 error):
+        positive_i = beta guided_i + (1 - beta) old_i          negative_i = (1 + beta) old_i - beta guided_i
+        r_i        = clamp(clamp(A_i, -m, m) / m / 2 + 1/2, 0, 1)                  (m = adv_clip_max)
+        err(p)     = mean((c_i (p - target_i))^2) / max(mean|c_i (p - target_i)|, 1e-5)  (the weight detached)
+        term_i     = m / beta (r_i err(positive_i) + (1 - r_i) err(negative_i))
+        loss       = mean_i(term_i) + kl_coef mean_i(mean((guided_i - reference_i)^2))
+    A good sample (r > 1/2) pulls the positive prediction to the target, a bad one the negative: the optimum lies
+    within |target - old| / beta of the rollout policy (where the positive or the negative prediction meets the
+    target; old + (2 r - 1) / beta (target - old) without the adaptive weight), and at guided = old the gradient is
+    AWM's advantage-weighted denoising gradient, scaled per row by c / mean|c (old - target)|.
+
+    prediction, target, old_prediction, uncond_prediction, reference_prediction: (B, ...); advantages, x0_scale (B,).
+    Differentiable with respect to prediction and uncond_prediction. Returns (loss, stats): `deviation` =
+    mean((guided - old)^2) over the rows, `kl` with a reference.
+    """
+    dtype = math_dtype(prediction, target, old_prediction, advantages, x0_scale, uncond_prediction,
+                       reference_prediction)
+    prediction, target, old, advantages, scale, uncond_prediction, reference_prediction = _cast(
+        dtype, prediction, target, old_prediction, advantages, x0_scale, uncond_prediction, reference_prediction)
+    guided = guided_output(prediction, uncond_prediction, guidance_scale)
+    m = adv_clip_max
+    r = torch.clamp(torch.clamp(advantages, -m, m) / m / 2.0 + 0.5, 0.0, 1.0)                   # (B,)
+    c = _per_sample(scale, guided)
+
+    def weighted_error(pred):
+        error = c * (pred - target)
+        weight = _reduce(error.detach().abs(), "mean").clamp_min(NFT_WEIGHT_FLOOR)
+        return _reduce(error**2, "mean") / weight
+
+    positive = beta * guided + (1.0 - beta) * old
+    negative = (1.0 + beta) * old - beta * guided
+    terms = m / beta * (r * weighted_error(positive) + (1.0 - r) * weighted_error(negative))
+    loss = terms.mean()
+    stats = {"deviation": _reduce((guided - old).detach() ** 2, "mean").mean()}
+    if reference_prediction is not None:
+        kl = _reduce((guided - reference_prediction) ** 2, "mean").mean()
+        loss = loss + kl_coef * kl
+        stats["kl"] = kl.detach()
+    return loss, stats

@@ -5,7 +5,7 @@ rejects, so passing kernel tests say nothing about CUDA. This module drives `fas
 through every option the ops expose (CFG or not, sampling step or log-prob, with or without a residual, DDIM with
 epsilon or v prediction and the flow-matching SDE, each subset of gradients, fp32/bf16/fp16/fp64 inputs, several row lengths; advantages with group or
 global std, biased or not, clipped or not; the loss with or without a reference, ratio normalisation and
-weights) on CPU tensors, with each kernel's
+weights; the matching and NFT losses with or without CFG, a reference and (matching) old surrogates) on CPU tensors, with each kernel's
 launch replaced by a recorder. Each recorded launch is specialised the way Triton's own launcher does it (its
 binder: argument types, 16-byte alignment and divisibility, constexprs) and compiled with `triton.compile` for a
 `GPUTarget`. ptxas's resource report (cuobjdump) gives registers, local memory (spills) and static shared memory.
@@ -59,7 +59,7 @@ def _jit_kernels():
     import triton
 
     kernels = {}
-    for module in ("step_logprob", "group_advantages", "grpo_loss", "matching_loss"):  # the package exports functions of these names
+    for module in ("step_logprob", "group_advantages", "grpo_loss", "matching_loss", "nft_loss"):  # the package exports functions of these names
         for name, value in vars(importlib.import_module(f"fastgrpo_kernels.{module}")).items():
             if name.endswith("_kernel"):
                 if not isinstance(value, triton.runtime.jit.JITFunction):
@@ -197,6 +197,25 @@ def exercise_matching(dtypes=DTYPES, row_shapes=ROW_SHAPES) -> None:
             loss.backward()
 
 
+def exercise_nft(dtypes=DTYPES, row_shapes=ROW_SHAPES) -> None:
+    """Call nft_loss (forward, and backward per gradient subset) once for every option combination."""
+    from fastgrpo import ops
+
+    for dtype, (batch, shape), with_uncond, with_ref in itertools.product(
+            dtypes, row_shapes, (False, True), (False, True)):
+        subsets = [(True, False), (False, True), (True, True)] if with_uncond else [(True, False)]
+        for needs in subsets:
+            def tensor(flag=False):
+                return torch.randn(batch, *shape).to(dtype).requires_grad_(flag)
+
+            cond, uncond = tensor(needs[0]), tensor(needs[1]) if with_uncond else None
+            loss, _ = ops.nft_loss(cond, tensor(), tensor(), torch.randn(batch).to(dtype),
+                                   torch.rand(batch).to(dtype), beta=0.5, uncond_prediction=uncond,
+                                   guidance_scale=4.0, reference_prediction=tensor() if with_ref else None,
+                                   kl_coef=0.1 if with_ref else 0.0, backend="triton")
+            loss.backward()
+
+
 def launches(target) -> list[Launch]:
     """The distinct specialisations the ops launch, in first-launch order."""
     with recording(target) as recorded:
@@ -205,6 +224,8 @@ def launches(target) -> list[Launch]:
         exercise_grpo()
         exercise_matching()
         exercise_matching(LARGE_DTYPES, LARGE_ROW_SHAPES)
+        exercise_nft()
+        exercise_nft(LARGE_DTYPES, LARGE_ROW_SHAPES)
     return list({launch.key(): launch for launch in recorded}.values())
 
 
