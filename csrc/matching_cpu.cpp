@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 namespace {
 
@@ -45,6 +46,17 @@ void chunk_sums(const T* __restrict__ c, const T* __restrict__ u, const T* __res
   *kl = static_cast<double>(acc_ref);
 }
 
+// d loss / d guided = d at element i, stored as d/d cond = g d and d/d uncond = (1 - g) d (d/d cond = d without CFG).
+template <typename T, bool HAS_UNCOND>
+inline void store_guided(T* __restrict__ gc, T* __restrict__ gu, int64_t i, T g, T d) {
+  if constexpr (HAS_UNCOND) {
+    if (gc) gc[i] = g * d;
+    if (gu) gu[i] = (T(1) - g) * d;
+  } else {
+    gc[i] = d;
+  }
+}
+
 template <typename T, bool HAS_UNCOND, bool HAS_REF>
 void chunk_grads(const T* __restrict__ c, const T* __restrict__ u, const T* __restrict__ t, const T* __restrict__ r,
                  T* __restrict__ gc, T* __restrict__ gu, int64_t begin, int64_t end, T g, T f_target, T f_ref) {
@@ -54,12 +66,7 @@ void chunk_grads(const T* __restrict__ c, const T* __restrict__ u, const T* __re
     if constexpr (HAS_UNCOND) guided = u[i] + g * (c[i] - u[i]);
     T d = f_target * (guided - t[i]);
     if constexpr (HAS_REF) d += f_ref * (guided - r[i]);
-    if constexpr (HAS_UNCOND) {
-      if (gc) gc[i] = g * d;
-      if (gu) gu[i] = (T(1) - g) * d;
-    } else {
-      gc[i] = d;
-    }
+    store_guided<T, HAS_UNCOND>(gc, gu, i, g, d);
   }
 }
 
@@ -104,12 +111,7 @@ void nft_chunk_grads(const T* __restrict__ c, const T* __restrict__ u, const T* 
     const T base = o[i] - t[i];
     T d = f_pos * (base + beta * step) - f_neg * (base - beta * step);
     if constexpr (HAS_REF) d += f_ref * (guided - r[i]);
-    if constexpr (HAS_UNCOND) {
-      if (gc) gc[i] = g * d;
-      if (gu) gu[i] = (T(1) - g) * d;
-    } else {
-      gc[i] = d;
-    }
+    store_guided<T, HAS_UNCOND>(gc, gu, i, g, d);
   }
 }
 
@@ -130,6 +132,14 @@ void check(const at::Tensor& like, std::initializer_list<const at::Tensor*> tens
 }
 
 const at::Tensor* maybe(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+// The backward's outputs {d loss / d cond, d loss / d uncond}, undefined where not asked for. Without CFG the
+// conditional prediction is the guided one, so d/d uncond does not exist.
+std::pair<at::Tensor, at::Tensor> guided_grad_buffers(const at::Tensor& cond, bool has_uncond, bool needs_cond,
+                                                      bool needs_uncond) {
+  return {needs_cond ? at::empty_like(cond) : at::Tensor(),
+          needs_uncond && has_uncond ? at::empty_like(cond) : at::Tensor()};
+}
 
 }  // namespace
 
@@ -203,11 +213,8 @@ std::vector<at::Tensor> matching_loss_backward(const at::Tensor& grad_loss, cons
   const int64_t batch = cond.size(0);
   const int64_t n = cond.numel() / batch;
   const bool has_uncond = uncond.has_value();
-  // without CFG the conditional prediction is the guided one: its gradient is always computed when asked for
-  auto grad_cond = needs_cond ? at::empty_like(cond) : at::Tensor();
-  auto grad_uncond = needs_uncond && has_uncond ? at::empty_like(cond) : at::Tensor();
+  auto [grad_cond, grad_uncond] = guided_grad_buffers(cond, has_uncond, needs_cond, needs_uncond);
   if (!grad_cond.defined() && !grad_uncond.defined()) return {grad_cond, grad_uncond};
-  TORCH_CHECK(grad_cond.defined() || has_uncond, "fastgrpo cpu matching_loss: nothing to differentiate");
   AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "matching_loss_backward", [&] {
     using T = scalar_t;
     const T* c = cond.data_ptr<T>();
@@ -293,10 +300,8 @@ std::vector<at::Tensor> nft_loss_backward(const at::Tensor& grad_loss, const at:
   const int64_t batch = cond.size(0);
   const int64_t n = cond.numel() / batch;
   const bool has_uncond = uncond.has_value();
-  auto grad_cond = needs_cond ? at::empty_like(cond) : at::Tensor();
-  auto grad_uncond = needs_uncond && has_uncond ? at::empty_like(cond) : at::Tensor();
+  auto [grad_cond, grad_uncond] = guided_grad_buffers(cond, has_uncond, needs_cond, needs_uncond);
   if (!grad_cond.defined() && !grad_uncond.defined()) return {grad_cond, grad_uncond};
-  TORCH_CHECK(grad_cond.defined() || has_uncond, "fastgrpo cpu nft_loss: nothing to differentiate");
   AT_DISPATCH_FLOATING_TYPES(cond.scalar_type(), "nft_loss_backward", [&] {
     using T = scalar_t;
     const T* c = cond.data_ptr<T>();

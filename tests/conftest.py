@@ -72,3 +72,17 @@ def assert_compiled_gradients_match(step_loss, tensors) -> None:
     for got, expected in zip(inputs, expected_inputs):
         torch.testing.assert_close(got.grad, expected.grad)
     assert float(expected_inputs[0].grad.abs().sum()) > 0
+
+
+def assert_same_under_thread_counts(run) -> None:
+    """run() -> a tuple of tensors; it must give bitwise equal results on 1 and on 2 threads."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)

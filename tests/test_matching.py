@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, assert_compiled_gradients_match
+from conftest import TEST_DEVICE, assert_compiled_gradients_match, assert_same_under_thread_counts
 from fastgrpo import ops
 from fastgrpo.ops import reference
 
@@ -164,21 +164,16 @@ def test_fused_custom_op_passes_opcheck_and_compiles(backend):
 
 def test_results_do_not_depend_on_the_thread_count():
     cond, target, adv, old, uncond, ref = _inputs(7, (4, 64, 64), torch.float32, True, True, True)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            c = cond.clone().requires_grad_(True)
-            loss, _, surrogates = ops.matching_loss(c, target, adv, clip_range=0.1, old_surrogates=old,
-                                                    uncond_prediction=uncond, guidance_scale=2.0,
-                                                    reference_prediction=ref, kl_coef=0.3, backend="cpp")
-            loss.backward()
-            results.append((loss.detach(), surrogates, c.grad))
-    finally:
-        torch.set_num_threads(threads)
-    for first, second in zip(*results):
-        assert torch.equal(first, second)
+
+    def run():
+        c = cond.clone().requires_grad_(True)
+        loss, _, surrogates = ops.matching_loss(c, target, adv, clip_range=0.1, old_surrogates=old,
+                                                uncond_prediction=uncond, guidance_scale=2.0,
+                                                reference_prediction=ref, kl_coef=0.3, backend="cpp")
+        loss.backward()
+        return loss.detach(), surrogates, c.grad
+
+    assert_same_under_thread_counts(run)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, assert_compiled_gradients_match
+from conftest import TEST_DEVICE, assert_compiled_gradients_match, assert_same_under_thread_counts
 from fastgrpo import ops
 from fastgrpo.ops import reference
 
@@ -172,20 +172,15 @@ def test_fused_custom_op_passes_opcheck_and_compiles(backend):
 
 def test_results_do_not_depend_on_the_thread_count():
     (cond, uncond, target, old, ref, adv, scale), _ = _inputs(7, (4, 64, 64), torch.float32, True, True)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            c = cond.clone().requires_grad_(True)
-            loss, _ = ops.nft_loss(c, target, old, adv, scale, beta=0.6, uncond_prediction=uncond,
-                                   guidance_scale=2.0, reference_prediction=ref, kl_coef=0.3, backend="cpp")
-            loss.backward()
-            results.append((loss.detach(), c.grad))
-    finally:
-        torch.set_num_threads(threads)
-    for first, second in zip(*results):
-        assert torch.equal(first, second)
+
+    def run():
+        c = cond.clone().requires_grad_(True)
+        loss, _ = ops.nft_loss(c, target, old, adv, scale, beta=0.6, uncond_prediction=uncond, guidance_scale=2.0,
+                               reference_prediction=ref, kl_coef=0.3, backend="cpp")
+        loss.backward()
+        return loss.detach(), c.grad
+
+    assert_same_under_thread_counts(run)
 
 
 @pytest.mark.parametrize("kwargs, message", [

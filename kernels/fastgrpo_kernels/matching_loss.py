@@ -45,6 +45,15 @@ def _guided(cond_ptr, uncond_ptr, offs, mask, guidance, HAS_UNCOND: tl.constexpr
 
 
 @triton.jit
+def _row_chunk(n_elements, BLOCK_SIZE: tl.constexpr):
+    """(row, chunk, offsets, mask) of this program's block: grid (rows, chunks of BLOCK_SIZE elements)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return row, chunk, row.to(tl.int64) * n_elements + cols, cols < n_elements
+
+
+@triton.jit
 def _matching_fwd_kernel(
     cond_ptr, uncond_ptr, target_ptr, ref_ptr,       # (B, N) rows
     adv_ptr, old_ptr,                                # (B,)
@@ -61,11 +70,7 @@ def _matching_fwd_kernel(
         clip_low = tl.load(params_ptr + 1)
         clip_high = tl.load(params_ptr + 2)
         kl_coef = tl.load(params_ptr + 3)
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_elements
-    offs = row.to(tl.int64) * n_elements + cols
+    row, chunk, offs, mask = _row_chunk(n_elements, BLOCK_SIZE)
     guided = _guided(cond_ptr, uncond_ptr, offs, mask, guidance, HAS_UNCOND, COMPUTE)
     diff = tl.where(mask, guided - tl.load(target_ptr + offs, mask=mask, other=0.0).to(COMPUTE), 0.0)
     base = partial_ptr + row * 2 * MAX_CHUNKS
@@ -128,10 +133,7 @@ def _matching_bwd_kernel(
     if PARAMS_IN_MEMORY:
         guidance = tl.load(params_ptr)
         kl_coef = tl.load(params_ptr + 1)
-    row = tl.program_id(0)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_elements
-    offs = row.to(tl.int64) * n_elements + cols
+    row, _, offs, mask = _row_chunk(n_elements, BLOCK_SIZE)
     upstream = tl.load(grad_ptr).to(COMPUTE)
     guided = _guided(cond_ptr, uncond_ptr, offs, mask, guidance, HAS_UNCOND, COMPUTE)
     f_target = upstream * tl.load(rows_ptr + row * 3 + 1).to(COMPUTE) * -2.0 / n_elements

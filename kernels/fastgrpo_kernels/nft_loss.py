@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgrpo_kernels.matching_loss import BLOCK, ROW_BLOCK, _compute, _guided
+from fastgrpo_kernels.matching_loss import BLOCK, ROW_BLOCK, _compute, _guided, _row_chunk
 from fastgrpo_kernels.step_logprob import _row_counters, _rows, launch, scalar_params, store_guided_grads
 
 NUM_STATS = 3
@@ -64,11 +64,7 @@ def _nft_fwd_kernel(
         beta = tl.load(params_ptr + 1)
         adv_clip_max = tl.load(params_ptr + 2)
         kl_coef = tl.load(params_ptr + 3)
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    cols = chunk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_elements
-    offs = row.to(tl.int64) * n_elements + cols
+    row, chunk, offs, mask = _row_chunk(n_elements, BLOCK_SIZE)
     guided, step, pos, neg = _errors(cond_ptr, uncond_ptr, target_ptr, old_ptr, offs, mask, guidance, beta,
                                      HAS_UNCOND, COMPUTE)
     base = partial_ptr + row * _NUM_SUMS * MAX_CHUNKS
@@ -138,10 +134,7 @@ def _nft_bwd_kernel(
         guidance = tl.load(params_ptr)
         beta = tl.load(params_ptr + 1)
         kl_coef = tl.load(params_ptr + 2)
-    row = tl.program_id(0)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_elements
-    offs = row.to(tl.int64) * n_elements + cols
+    row, _, offs, mask = _row_chunk(n_elements, BLOCK_SIZE)
     factor = tl.load(grad_ptr).to(COMPUTE) * 2.0 / n_elements
     guided, _, pos, neg = _errors(cond_ptr, uncond_ptr, target_ptr, old_ptr, offs, mask, guidance, beta,
                                   HAS_UNCOND, COMPUTE)
