@@ -119,6 +119,12 @@ class TrainConfig:
     adam_eps: float = doc("AdamW epsilon", 1e-8)
     weight_decay: float = doc("AdamW weight decay", 1e-4)
     warmup_steps: int = doc("Optimiser steps of linear learning-rate warmup from 0", 0)
+    lr_schedule: str = doc("Learning-rate decay over the run, one factor per epoch (the warmup applies on top): "
+                           "'constant', 'cosine' (half a cosine from the peak at epoch 0 down to train.lr_min_ratio x "
+                           "peak at the end of run.epochs; epoch e of E trains at f(e / E)) or 'linear' (a straight "
+                           "line between the same ends)", "constant", choices=("constant", "cosine", "linear"))
+    lr_min_ratio: float = doc("cosine, linear: the learning rate the decay reaches at the end of the run, as a "
+                              "fraction of the peak, in [0, 1]", 0.0)
     clip_range: float = doc("PPO ratio clip range epsilon (> 0): the ratio is clipped to [1 - eps, 1 + eps]", 1e-4)
     clip_range_high: float | None = doc("Upper clip range (DAPO's clip-higher): the ratio is clipped to [1 - "
                                         "clip_range, 1 + clip_range_high]; null = clip_range", None)
@@ -444,6 +450,7 @@ def validate(config: Config) -> None:
     _require(t.num_inner_epochs >= 1, f"train.num_inner_epochs must be >= 1, got {t.num_inner_epochs}")
     _require(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0, got {t.max_grad_norm}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.lr_min_ratio <= 1, f"train.lr_min_ratio must be in [0, 1], got {t.lr_min_ratio}")
     _require(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1, "train.adam_beta1/adam_beta2 must be in [0, 1)")
     _require(r.batch_size >= 1, f"reward.batch_size must be >= 1, got {r.batch_size}")
     from fastgrpo.rewards import kinds

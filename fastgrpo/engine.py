@@ -14,9 +14,36 @@ import torch
 from fastgrpo.errors import NonFiniteError
 
 
-def warmup_schedule(warmup_steps: int):
-    """LambdaLR factor: linear from 1/warmup to 1 over `warmup_steps` optimiser steps, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def warmup_schedule(warmup_steps: int, decay=None):
+    """LambdaLR factor: linear from 1/warmup to 1 over `warmup_steps` optimiser steps, then constant; times decay(),
+    the current epoch's factor of train.lr_schedule, when given."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return warm if decay is None else warm * decay()
+    return factor
+
+
+def epoch_lr_factor(schedule: str, epoch: int, epochs: int, min_ratio: float) -> float:
+    """train.lr_schedule's factor for `epoch` (0-based) of `epochs`: f(epoch / epochs) with f(0) = 1 and f(1) =
+    min_ratio, half a cosine or a straight line between them."""
+    if schedule == "constant":
+        return 1.0
+    progress = epoch / epochs
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"train.lr_schedule must be 'constant', 'cosine' or 'linear', got {schedule!r}")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def refresh_learning_rate(scheduler) -> None:
+    """Set the optimiser's learning rates to the LambdaLR schedule's value at its current step (after the factor
+    its lambdas read has changed), so the next optimiser step uses it."""
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class SingleProcessEngine:
@@ -30,8 +57,9 @@ class SingleProcessEngine:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=train_config.learning_rate, betas=(train_config.adam_beta1, train_config.adam_beta2),
             eps=train_config.adam_eps, weight_decay=train_config.weight_decay)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                              warmup_schedule(train_config.warmup_steps))
+        self.lr_decay = 1.0  # the epoch's factor of train.lr_schedule (set_lr_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_schedule(train_config.warmup_steps, lambda: self.lr_decay))
         self.max_grad_norm = train_config.max_grad_norm
         self.step_constraints = tuple(step_constraints)  # fastgrpo.levers: before_step() / after_step() each step
 
@@ -63,6 +91,11 @@ class SingleProcessEngine:
     def skip_step(self) -> None:
         """Drop the accumulated gradients without stepping."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr_decay(self, factor: float) -> None:
+        """The current epoch's factor of train.lr_schedule; the next optimiser step uses it."""
+        self.lr_decay = factor
+        refresh_learning_rate(self.lr_scheduler)
 
     @property
     def learning_rate(self) -> float:

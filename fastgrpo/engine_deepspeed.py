@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.engine import warmup_schedule
+from fastgrpo.engine import refresh_learning_rate, warmup_schedule
 from fastgrpo.errors import ConfigError, NonFiniteError
 
 PACKAGED = Path(__file__).parent / "configs" / "deepspeed"
@@ -79,7 +79,8 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(parameters, lr=train_config.learning_rate,
                                       betas=(train_config.adam_beta1, train_config.adam_beta2),
                                       eps=train_config.adam_eps, weight_decay=train_config.weight_decay)
-        schedule = warmup_schedule(train_config.warmup_steps)
+        self.lr_decay = 1.0  # the epoch's factor of train.lr_schedule (set_lr_decay)
+        schedule = warmup_schedule(train_config.warmup_steps, lambda: self.lr_decay)
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
@@ -109,6 +110,11 @@ class DeepSpeedEngine:
         if norm is not None and not math.isfinite(float(norm)):
             raise NonFiniteError(f"gradient norm is {float(norm)}")
         return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def set_lr_decay(self, factor: float) -> None:
+        """The current epoch's factor of train.lr_schedule; the next optimiser step uses it."""
+        self.lr_decay = factor
+        refresh_learning_rate(self.lr_scheduler)
 
     @property
     def learning_rate(self) -> float:

@@ -26,7 +26,7 @@ from fastgrpo.checkpoint import (check_deepspeed_state, find_checkpoint, list_ch
 from fastgrpo.config import Config, config_to_dict, render_yaml, validate_world_size
 from fastgrpo.devices import configure_cuda_math, resolve_device
 from fastgrpo.diffusion import DDIMSchedule, Guidance, RolloutSettings, SdeWindow, configured_sampler
-from fastgrpo.engine import SingleProcessEngine
+from fastgrpo.engine import SingleProcessEngine, epoch_lr_factor
 from fastgrpo.epoch import EpochSamples, collect_epoch, gather_rewards, sync_device  # noqa: F401 (gather_rewards: API)
 from fastgrpo.errors import NonFiniteError, TrainingInterrupted
 from fastgrpo.levers import Levers, build_levers, step_constraints
@@ -180,6 +180,8 @@ def _mean_where(values: torch.Tensor, mask: torch.Tensor) -> float | None:
 
 def run_epoch(s: Session, epoch: int, global_step: int, writer) -> tuple[dict, int]:
     """One epoch end to end; writes its step lines, returns (epoch record, global step)."""
+    t = s.config.train
+    s.engine.set_lr_decay(epoch_lr_factor(t.lr_schedule, epoch, s.config.run.epochs, t.lr_min_ratio))
     samples = collect_epoch(s, epoch)
     t2 = time.perf_counter()
     for stats in update_epoch(s, samples):

@@ -186,7 +186,8 @@ NEW_OPTIONS = {"awm": ["train.objective=awm", "train.timestep_fraction=1.0", "tr
                        "train.kl_coef=0.1", "sample.sde_window_size=2", "sample.sde_window_schedule=random"],
                "nft": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1", "train.nft_beta=0.5"],
                "ddpo_window": ["sample.sde_window_size=2", "sample.sde_window_schedule=sliding",
-                               "sample.sde_window_shift_every=1"]}
+                               "sample.sde_window_shift_every=1"],
+               "lr_cosine": ["train.lr_schedule=cosine", "train.lr_min_ratio=0.2"]}
 
 
 @pytest.mark.parametrize("name", list(NEW_OPTIONS))
@@ -210,7 +211,10 @@ def test_objectives_and_windows_on_two_ranks_match_one_process(name, tmp_path, t
     else:
         assert one[0]["ratio_min"] == one[0]["ratio_max"] == 1.0
     for a, b in zip(one, two):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    if name == "lr_cosine":  # epoch 1 of 2 trains at 0.2 + 0.8 * (1 + cos(pi / 2)) / 2 = 0.6 of the peak
+        assert [r["lr"] for r in one] == pytest.approx([1e-3, 1e-3, 6e-4, 6e-4], rel=1e-12)
     assert max_difference(weights(single, 1), weights(zero2, 1)) < 1e-5
     assert max_difference(weights(single, 1), weights(single, 0)) > 1e-4  # training moved them

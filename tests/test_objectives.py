@@ -203,6 +203,8 @@ def test_matching_objectives_with_lora_train_only_the_adapters(tiny_overrides, t
     ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=5", "must be <= sample.num_steps"),
     ("train.objective=nft train.nft_beta=0", "train.nft_beta must be > 0"),
     ("train.objective=nft train.ratio_norm=true", "apply to ddpo only"),
+    ("train.lr_schedule=cosine train.lr_min_ratio=1.5", "train.lr_min_ratio must be in [0, 1]"),
+    ("train.lr_schedule=exponential", "train.lr_schedule"),
 ])
 def test_bad_values_are_one_line_and_exit_2(tiny_overrides, tmp_path, override, message):
     extra = override.split() + (["sample.sde_window_size=2"] if "window_start" in override else [])

@@ -95,6 +95,62 @@ def test_resume_equals_uninterrupted(tiny_overrides, tmp_path):
     train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'other'}", f"run.resume={explicit}"]))
 
 
+@pytest.mark.parametrize("schedule, min_ratio", [("cosine", 0.1), ("linear", 0.0)])
+def test_lr_schedule_follows_torch_schedulers_and_resumes(tiny_overrides, tmp_path, monkeypatch, schedule,
+                                                         min_ratio):
+    import fastgrpo.train as train_module
+    from fastgrpo.errors import TrainingInterrupted
+
+    common = tiny_overrides + ["run.save_every=1", "run.keep_last=3", "run.num_sample_images=0", "run.epochs=3",
+                               "train.warmup_steps=3", f"train.lr_schedule={schedule}", f"train.lr_min_ratio={min_ratio}"]
+    straight = train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'straight'}"]))
+    # the same 3-epoch run stopped by Ctrl-C after its second epoch's checkpoint, then resumed
+    real_run_epoch, calls = train_module.run_epoch, {"n": 0}
+
+    def stopped_at_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", stopped_at_third)
+    interrupted = common + [f"run.output_dir={tmp_path / 'interrupted'}"]
+    with pytest.raises(TrainingInterrupted):
+        train(load_config("smoke", interrupted))
+    monkeypatch.setattr(train_module, "run_epoch", real_run_epoch)
+    resumed = train(load_config("smoke", interrupted + ["run.resume=latest"]))
+    # the reference: torch's own epoch scheduler with the same ends, times the per-step warmup
+    peak = load_config("smoke", common).train.learning_rate
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    reference = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=3, eta_min=min_ratio * peak)
+                 if schedule == "cosine" else
+                 torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=min_ratio, total_iters=3))
+    epoch_lr = []
+    for _ in range(3):
+        epoch_lr.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    steps = [r for r in read_metrics(straight) if "loss" in r]
+    assert [r["epoch"] for r in steps] == [0, 0, 1, 1, 2, 2]
+    for index, record in enumerate(steps):
+        expected = epoch_lr[record["epoch"]] * min(1.0, (index + 1) / 3)
+        assert record["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), (index, record["lr"], expected)
+    assert epoch_lr[0] == peak and epoch_lr[2] < epoch_lr[1] < peak  # it decays (after the 3-step warmup)
+    assert steps[-1]["lr"] == pytest.approx(epoch_lr[2]) and steps[-1]["lr"] < 0.9 * peak
+    # resumed mid-schedule, the run is the uninterrupted one bit for bit
+    a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
+    assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
+    # and the decay changes what is trained: the constant schedule's weights differ after epoch 0
+    constant = train(load_config("smoke", common + [f"run.output_dir={tmp_path / 'constant'}",
+                                                    "train.lr_schedule=constant"]))
+    c = unet_weights(list_checkpoints(constant)[-1][1])
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    first = lambda run: unet_weights(dict(list_checkpoints(run))[0])  # noqa: E731  (epoch 0: the same peak)
+    assert all(torch.equal(first(straight)[k], first(constant)[k]) for k in a)
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tiny_overrides, monkeypatch):
     config = load_config("smoke", tiny_overrides + ["run.save_every=1", "run.num_sample_images=0"])
     output_dir = Path(config.run.output_dir)
