@@ -23,7 +23,8 @@ TABLE_DOC = REPO / "docs" / "experiments" / "README.md"
 README = REPO / "README.md"
 # the README's table: one row per objective (and sampler) on the embedded default's world and recipe
 README_EXPERIMENTS = ("colour_ddpo", "colour_ddpo_window", "colour_awm", "colour_awm_guided", "colour_awm_placebo",
-                      "colour_nft")
+                      "colour_nft", "loose_awm_directions2_kl03", "loose_nft_directions2_kl13_prediction_100",
+                      "loose_nft_directions2_prediction_200_alpha05_cosine")
 CONFIGS = Path(__file__).parent / "configs" / "experiments"
 BEGIN, END = "<!-- results table: python -m fastgrpo.experiments table -->", "<!-- end of results table -->"
 METRICS = (("unsafe_rate", "unsafe", "relative"), ("ood_unsafe_rate", "OOD unsafe", "relative"),
