@@ -138,12 +138,20 @@ class TrainConfig:
     drop_zero_std_groups: bool = doc("Skip training on groups whose rewards are all equal", False)
     timestep_fraction: float = doc("ddpo: fraction of each trajectory's steps trained on (random subset; every "
                                    "step eligible); awm trains its own draws and ignores it", 1.0)
-    timestep_range: list[float] = doc("ddpo: [start, end]: the part of each trajectory (0 = its first, noisiest step; 1 "
-                                      "= its end) the trained steps are drawn from; [0, 1] = every step, [0, 0.5] "
-                                      "= the noisy half (layout, colour), [0.6, 1] = the last steps (fine detail)",
-                                      [0.0, 1.0])
+    timestep_range: list[float] = doc("[start, end]: the part of each trajectory (0 = its first, noisiest step; 1 = "
+                                      "its end) that trains. ddpo: the trained steps are drawn from it; [0, 1] = "
+                                      "every step, [0, 0.5] = the noisy half (layout, colour), [0.6, 1] = the last "
+                                      "steps (fine detail). awm, nft: the draws' timesteps come from the same part "
+                                      "of the noise schedule, t in [T (1 - end), T (1 - start)) of the T training "
+                                      "timesteps ('sampler': the schedule's steps in it)", [0.0, 1.0])
     kl_coef: float = doc("Weight of the KL-to-reference (base model) penalty; 0 = off (awm: mean((pred - pred_ref)^2)"
                          ", the squared distance of the predictions)", 0.0)
+    kl_timestep_range: list[float] | None = doc(
+        "awm, nft: [start, end]: the part of the trajectory (as train.timestep_range) where the penalty applies; "
+        "null = train.timestep_range. The draws then come from the smallest part that holds both: a draw outside "
+        "train.timestep_range carries only the penalty (no advantage), one outside this part no penalty (so "
+        "[0, 0.5] with train.timestep_range [0.5, 1] holds the noisy half, where layout is decided, to the base "
+        "model while the clean half trains)", None)
     kl_estimator: str = doc("'mean': closed-form KL of each trained step's Gaussian from the reference's, "
                             "(mean - mean_ref)^2 / (2 std^2) over latent elements (no sampling noise); 'sample': "
                             "k3 estimate from both models' log-probs of the stored x_{t-1}", "mean",
@@ -393,8 +401,8 @@ def _validate_window(s: SampleConfig, t: TrainConfig) -> None:
              f"{s.sde_window_size} steps inside the {s.num_steps}-step schedule), got {s.sde_window_start}")
     _require(s.sde_window_shift_every >= 1, f"sample.sde_window_shift_every must be >= 1, got {s.sde_window_shift_every}")
     _require(s.eta > 0, "sample.sde_window_size needs sample.eta > 0 (the window's steps are stochastic)")
-    _require(t.timestep_range == [0.0, 1.0], "sample.sde_window_size replaces train.timestep_range (ddpo trains "
-             "the window's steps): leave train.timestep_range at [0, 1]")
+    _require(t.timestep_range == [0.0, 1.0] or t.objective != "ddpo", "sample.sde_window_size replaces "
+             "train.timestep_range for ddpo (it trains the window's steps): leave train.timestep_range at [0, 1]")
 
 
 def validate(config: Config) -> None:
@@ -412,9 +420,6 @@ def validate(config: Config) -> None:
     _require(t.objective == "ddpo" or not (t.ratio_norm or t.kl_estimator == "sample"),
              f"train.objective={t.objective} has no sampler-step log-probs: train.ratio_norm and "
              "kl_estimator=sample apply to ddpo only")
-    _require(t.matching_timesteps != "sampler" or t.matching_draws <= s.num_steps,
-             f"train.matching_timesteps=sampler draws distinct steps: train.matching_draws ({t.matching_draws}) "
-             f"must be <= sample.num_steps ({s.num_steps})")
     _require(s.num_steps >= 1, f"sample.num_steps must be >= 1, got {s.num_steps}")
     _require(s.prompts_per_epoch >= 1, f"sample.prompts_per_epoch must be >= 1, got {s.prompts_per_epoch}")
     _require(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")
@@ -429,10 +434,21 @@ def validate(config: Config) -> None:
     _require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
     _require(len(t.timestep_range) == 2 and 0 <= t.timestep_range[0] < t.timestep_range[1] <= 1,
              f"train.timestep_range must be [start, end] with 0 <= start < end <= 1, got {t.timestep_range}")
-    _require(t.timestep_range[1] - t.timestep_range[0] >= t.timestep_fraction - 1e-9,
+    _require(t.objective != "ddpo" or t.timestep_range[1] - t.timestep_range[0] >= t.timestep_fraction - 1e-9,
              f"train.timestep_range {t.timestep_range} holds less than train.timestep_fraction "
              f"({t.timestep_fraction}) of the steps")
+    in_range = round(s.num_steps * t.timestep_range[1]) - round(s.num_steps * t.timestep_range[0])
+    _require(t.matching_timesteps != "sampler" or t.matching_draws <= in_range,
+             f"train.matching_timesteps=sampler draws distinct steps: train.matching_draws ({t.matching_draws}) "
+             f"must be <= the sampler's steps in train.timestep_range ({in_range} of {s.num_steps})")
     _require(t.kl_coef >= 0, f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    if t.kl_timestep_range is not None:
+        k = t.kl_timestep_range
+        _require(len(k) == 2 and 0 <= k[0] < k[1] <= 1,
+                 f"train.kl_timestep_range must be null or [start, end] with 0 <= start < end <= 1, got {k}")
+        _require(t.objective != "ddpo", "train.kl_timestep_range applies to awm and nft (ddpo penalises its trained "
+                 "steps: use train.timestep_range)")
+        _require(t.kl_coef > 0, "train.kl_timestep_range needs train.kl_coef > 0 (it places the penalty)")
     _require(t.kl_prompts == "all" or t.kl_estimator == "mean",
              "train.kl_prompts=safe needs train.kl_estimator=mean")
     _require(0 < t.preserve_energy < 1, f"train.preserve_energy must be in (0, 1), got {t.preserve_energy}")

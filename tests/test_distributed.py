@@ -187,7 +187,9 @@ NEW_OPTIONS = {"awm": ["train.objective=awm", "train.timestep_fraction=1.0", "tr
                "nft": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1", "train.nft_beta=0.5"],
                "ddpo_window": ["sample.sde_window_size=2", "sample.sde_window_schedule=sliding",
                                "sample.sde_window_shift_every=1"],
-               "lr_cosine": ["train.lr_schedule=cosine", "train.lr_min_ratio=0.2"]}
+               "lr_cosine": ["train.lr_schedule=cosine", "train.lr_min_ratio=0.2"],
+               "nft_kl_range": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1",
+                                "train.timestep_range=[0.5,1.0]", "train.kl_timestep_range=[0.0,0.5]"]}
 
 
 @pytest.mark.parametrize("name", list(NEW_OPTIONS))

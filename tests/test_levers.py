@@ -31,7 +31,7 @@ def test_timestep_range_is_checked():
         with pytest.raises(ConfigError, match="timestep_range"):
             load_config(None, [f"train.timestep_range={bad}"])
     with pytest.raises(ConfigError, match="timestep_range"):
-        load_config(None, ["train.timestep_fraction=0.5", "train.timestep_range=[0.8, 1.0]"])
+        load_config(None, ["train.objective=ddpo", "train.timestep_fraction=0.5", "train.timestep_range=[0.8, 1.0]"])
     config = load_config(None, ["train.timestep_range=[0.6, 1]", "train.timestep_fraction=0.3"])
     assert config.train.timestep_range == [0.6, 1.0]
 

@@ -123,6 +123,29 @@ def test_the_optimum_lies_a_bounded_step_from_the_rollout_policy():
         torch.testing.assert_close(pred.detach(), torch.full_like(old, settled), rtol=0, atol=0.02)
 
 
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+def test_a_row_with_zero_scale_carries_only_the_penalty(backend):
+    """train.kl_timestep_range's penalty-only draws have x0_scale 0: their rows add no loss term and no gradient of
+    their own, only the penalty's (float64 loop over the other rows, plus the penalty over all)."""
+    (cond, uncond, target, old, ref, adv, scale), (clean, noise, alpha) = _inputs(6, (3, 4), torch.float64, True,
+                                                                                  True)
+    kept = torch.tensor([True, False, True, True, False, True])
+    inputs = [cond.clone().requires_grad_(True), uncond.clone().requires_grad_(True)]
+    loss, _ = ops.nft_loss(inputs[0], target, old, adv, scale * kept, beta=0.6, adv_clip_max=2.5,
+                           uncond_prediction=inputs[1], guidance_scale=2.0, reference_prediction=ref, kl_coef=0.3,
+                           backend=backend)
+    loss.backward()
+    loop = [cond.clone().requires_grad_(True), uncond.clone().requires_grad_(True)]
+    terms = loop_loss(clean[kept], noise[kept], alpha[kept], "epsilon", loop[0][kept], loop[1][kept], old[kept],
+                      None, adv[kept], 2.0, 0.6, 2.5, 0.0) * int(kept.sum()) / 6
+    guided = loop[1] + 2.0 * (loop[0] - loop[1])
+    expected = terms + 0.3 * ((guided - ref) ** 2).mean()
+    expected.backward()
+    assert abs(float(loss.detach()) - float(expected.detach())) < 1e-12
+    torch.testing.assert_close(inputs[0].grad, loop[0].grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(inputs[1].grad, loop[1].grad, rtol=0, atol=1e-12)
+
+
 CASES = [(batch, shape, uncond, ref) for (batch, shape), uncond, ref in itertools.product(
     ((1, (4, 8, 8)), (5, (3, 37, 41)), (130, (2, 3))), (False, True), (False, True))]
 

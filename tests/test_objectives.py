@@ -50,6 +50,84 @@ def test_timestep_distributions():
     assert uniform.min() >= 0 and uniform.max() < 1000 and len(set(uniform.flatten().tolist())) > 500
 
 
+def test_timestep_range_limits_every_distribution():
+    """train.timestep_range [0.6, 0.9] is the noise levels t in [100, 400) of T = 1000 (closed form), and the sampler
+    steps 6, 7, 8 of 10 (t = 300, 200, 100); the default range draws exactly what no range draws."""
+    timesteps = torch.arange(900, -1, -100)
+    ids = torch.arange(400)
+
+    def draw(distribution, draws=3, **range_):
+        return draw_matching(ids, draws, distribution, timesteps, 1000, (1,), seed=0, epoch=0, device=CPU,
+                             **range_).timesteps
+
+    for distribution in ("uniform", "stratified", "sampler"):
+        assert torch.equal(draw(distribution), draw(distribution, timestep_range=(0.0, 1.0)))
+    uniform = draw("uniform", timestep_range=(0.6, 0.9))
+    assert uniform.min() == 100 and uniform.max() == 399  # 1,200 draws over 300 values reach both ends
+    counts = torch.bincount(uniform.flatten() - 100, minlength=300).double()
+    assert counts.std() / counts.mean() < 0.7  # Poisson spread around 4 per value: 0.5; half the values empty: 1
+    stratified = draw("stratified", timestep_range=(0.6, 0.9))
+    for k in range(3):  # draw k lies in the k-th third of [100, 400), and covers it
+        assert stratified[:, k].min() >= 100 + 100 * k and stratified[:, k].max() < 200 + 100 * k
+        assert stratified[:, k].max() - stratified[:, k].min() > 90
+    sampler = draw("sampler", timestep_range=(0.6, 0.9))
+    assert all(sorted(row) == [100, 200, 300] for row in sampler.tolist())
+    with pytest.raises(ConfigError, match="fewer than train.matching_draws"):
+        draw("sampler", draws=4, timestep_range=(0.6, 0.9))
+    with pytest.raises(ConfigError, match="holds none"):
+        draw("uniform", timestep_range=(0.9999, 1.0))
+
+
+@pytest.mark.parametrize("objective", ["awm", "nft"])
+def test_kl_timestep_range_trains_one_part_and_penalises_the_other(tiny_overrides, tmp_path, objective):
+    """train.timestep_range [0.5, 1] with train.kl_timestep_range [0, 0.5]: the draws span every noise level; those
+    with t < 500 (closed form) carry the advantage, those with t >= 500 only the penalty, whose reference there is
+    the base model's prediction: the loss of a micro-batch of penalty-only draws is kl_coef * mean((guided -
+    guided_ref)^2) exactly, computed here from the two UNets, and its gradient that expression's."""
+    from fastgrpo.epoch import collect_epoch
+    from fastgrpo.train import prepare
+
+    prediction = "guided" if objective == "awm" else "conditional"  # both kinds of prediction, one each
+    config = load_config("smoke", tiny_overrides + [
+        f"train.objective={objective}", "train.matching_draws=4", "train.kl_coef=0.5", "sample.guidance_scale=3",
+        f"train.matching_prediction={prediction}", "train.timestep_range=[0.5,1.0]",
+        "train.kl_timestep_range=[0.0,0.5]"])
+
+    def guide(cond, uncond):
+        return cond if uncond is None else uncond + 3.0 * (cond - uncond)
+
+    session, _, _ = prepare(config)
+    with torch.no_grad():  # move the policy off the base model, so the reference differs from it
+        for p in session.unet.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        samples = collect_epoch(session, 0)
+    draws, predictions, reference_for, trained = session.objective.matching_inputs(session, samples)
+    assert torch.equal(trained, draws.timesteps < 500)
+    assert bool(trained.any()) and bool((~trained).any())
+    rows, units = (~trained).nonzero(as_tuple=True)
+    cond, uncond, _, _ = predictions(session.unet, rows, units)
+    ref_cond, ref_uncond, _, _ = predictions(session.ref_unet, rows, units)
+    guided_ref = guide(ref_cond, ref_uncond)
+    torch.testing.assert_close(reference_for(rows, units, cond, uncond), guided_ref, rtol=0, atol=0)
+    trained_rows, trained_units = trained.nonzero(as_tuple=True)
+    own = predictions(session.unet, trained_rows, trained_units)
+    torch.testing.assert_close(reference_for(trained_rows, trained_units, own[0], own[1]),
+                               guide(own[0], own[1]).detach(), rtol=0, atol=0)
+
+    params = [p for p in session.unet.parameters() if p.requires_grad]
+    advantages = samples.rows(samples.advantages * samples.keep)
+    loss, _ = session.objective.loss_fn(session, samples, advantages)(rows, units)  # on-policy
+    loss_grad = torch.autograd.grad(loss, params)
+    cond, uncond, _, _ = predictions(session.unet, rows, units)
+    expected = 0.5 * ((guide(cond, uncond) - guided_ref) ** 2).mean()
+    expected_grad = torch.autograd.grad(expected, params)
+    assert float(expected.detach()) > 0
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=0)
+    for got, want in zip(loss_grad, expected_grad):  # float32 sums in another order: relative to the largest entry
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_noised_inputs_match_diffusers(prediction_type):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -200,16 +278,26 @@ def test_matching_objectives_with_lora_train_only_the_adapters(tiny_overrides, t
     ("sample.eta=0", "train.objective=ddpo needs eta > 0"),
     ("train.objective=awm train.ratio_norm=true", "apply to ddpo only"),
     ("train.objective=awm train.kl_coef=0.1 train.kl_estimator=sample", "apply to ddpo only"),
-    ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=5", "must be <= sample.num_steps"),
+    ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=5",
+     "must be <= the sampler's steps in train.timestep_range (4 of 4)"),
+    ("train.objective=awm train.matching_timesteps=sampler train.matching_draws=2 train.timestep_range=[0.5,0.6]",
+     "must be <= the sampler's steps in train.timestep_range (0 of 4)"),
+    ("train.objective=awm train.timestep_range=[0.6,0.4]", "train.timestep_range must be [start, end]"),
     ("train.objective=nft train.nft_beta=0", "train.nft_beta must be > 0"),
     ("train.objective=nft train.ratio_norm=true", "apply to ddpo only"),
     ("train.lr_schedule=cosine train.lr_min_ratio=1.5", "train.lr_min_ratio must be in [0, 1]"),
     ("train.lr_schedule=exponential", "train.lr_schedule"),
+    ("train.objective=nft train.kl_timestep_range=[0.0,0.5]", "train.kl_timestep_range needs train.kl_coef > 0"),
+    ("train.kl_coef=0.1 train.kl_timestep_range=[0.0,0.5]", "applies to awm and nft"),
+    ("train.objective=awm train.kl_coef=0.1 train.kl_timestep_range=[0.5,0.5]",
+     "train.kl_timestep_range must be null or [start, end]"),
+    ("train.objective=nft train.timestep_range=[0.9999,1.0]", "holds none of the 1000 training timesteps"),
 ])
 def test_bad_values_are_one_line_and_exit_2(tiny_overrides, tmp_path, override, message):
     extra = override.split() + (["sample.sde_window_size=2"] if "window_start" in override else [])
-    with pytest.raises(ConfigError):
-        load_config("smoke", tiny_overrides + extra)
+    if "holds none" not in message:  # known from the config alone; the number of noise levels is the scheduler's
+        with pytest.raises(ConfigError):
+            load_config("smoke", tiny_overrides + extra)
     result = run_cli(tiny_overrides + extra, tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()

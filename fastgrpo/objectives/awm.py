@@ -17,6 +17,7 @@ import torch
 
 from fastgrpo import ops
 from fastgrpo.diffusion import Guidance, unet_outputs
+from fastgrpo.errors import ConfigError
 from fastgrpo.grpo import UpdatePlan, micro_batches, plan_update
 from fastgrpo.objectives.ddpo import kl_reference
 from fastgrpo.rng import generator
@@ -30,25 +31,44 @@ class MatchingDraws:
     noise: torch.Tensor      # (M, K, C, H, W) fp32 standard normal
 
 
+def matching_timestep_bounds(timestep_range: tuple[float, float], num_train_timesteps: int) -> tuple[int, int]:
+    """The training timesteps [low, high) of the part [start, end] of the trajectory (0 = its noisiest end, 1 = the
+    clean image): t in [round(T (1 - end)), round(T (1 - start)))."""
+    start, end = timestep_range
+    low, high = round(num_train_timesteps * (1.0 - end)), round(num_train_timesteps * (1.0 - start))
+    if high <= low:
+        raise ConfigError(f"train.timestep_range {list(timestep_range)} holds none of the {num_train_timesteps} "
+                          "training timesteps")
+    return low, high
+
+
 def draw_matching(keys: torch.Tensor, num_draws: int, distribution: str, schedule_timesteps: torch.Tensor,
                   num_train_timesteps: int, latent_shape: tuple[int, ...], seed: int, epoch: int,
-                  device) -> MatchingDraws:
+                  device, timestep_range: tuple[float, float] = (0.0, 1.0)) -> MatchingDraws:
     """K draws per row, a function of (seed, epoch, the row's key) only (so of no batch size or world size); the key
     is the global sample id, or its group (train.matching_noise=group), and rows with one key get the same draws.
 
-    distribution 'uniform': t uniform over [0, T); 'stratified': draw k uniform over [k T / K, (k + 1) T / K);
-    'sampler': K distinct steps of the sampler's schedule (schedule_timesteps (S,))."""
+    distribution 'uniform': t uniform over [low, high); 'stratified': draw k uniform over the k-th of K equal parts
+    of it; 'sampler': K distinct steps of the sampler's schedule (schedule_timesteps (S,), noisiest first) among its
+    steps [round(S start), round(S end)). [low, high) = `matching_timestep_bounds(timestep_range, T)`: the whole
+    [0, T) for the default range (0, 1)."""
+    low, high = matching_timestep_bounds(timestep_range, num_train_timesteps)
+    steps = schedule_timesteps.shape[0]
+    eligible = schedule_timesteps.cpu()[round(steps * timestep_range[0]):round(steps * timestep_range[1])]
+    if distribution == "sampler" and eligible.shape[0] < num_draws:
+        raise ConfigError(f"train.timestep_range {list(timestep_range)} holds {eligible.shape[0]} of the sampler's "
+                          f"{steps} steps: fewer than train.matching_draws ({num_draws})")
     timesteps, noise = [], []
     for key in keys.tolist():
         gen = generator(seed, "matching", epoch, key)
         if distribution == "uniform":
-            drawn = torch.randint(num_train_timesteps, (num_draws,), generator=gen)
+            drawn = low + torch.randint(high - low, (num_draws,), generator=gen)
         elif distribution == "stratified":
             offsets = torch.rand(num_draws, generator=gen, dtype=torch.float64)
-            drawn = ((torch.arange(num_draws) + offsets) * num_train_timesteps / num_draws).long()
+            drawn = low + ((torch.arange(num_draws) + offsets) * (high - low) / num_draws).long()
         else:
-            choice = torch.randperm(schedule_timesteps.shape[0], generator=gen)[:num_draws]
-            drawn = schedule_timesteps.cpu()[choice]
+            choice = torch.randperm(eligible.shape[0], generator=gen)[:num_draws]
+            drawn = eligible[choice]
         timesteps.append(drawn)
         noise.append(torch.randn((num_draws, *latent_shape), generator=gen))
     return MatchingDraws(torch.stack(timesteps).to(device), torch.stack(noise).to(device))
@@ -84,22 +104,32 @@ class AdvantageWeightedMatching:
                         s.guidance.autocast_bf16)
 
     def matching_inputs(self, s, samples):
-        """(draws, predictions, reference_for): the epoch's draws; predictions(unet, rows, units) -> (cond, uncond or
-        None, target, alpha_bar(t)) on those draws; reference_for(rows, units, cond, uncond) -> the penalty's
-        reference prediction (None without a penalty; a row the penalty does not cover gets its own detached
-        prediction, so no penalty and no gradient)."""
+        """(draws, predictions, reference_for, trained): the epoch's draws; predictions(unet, rows, units) -> (cond,
+        uncond or None, target, alpha_bar(t)) on those draws; reference_for(rows, units, cond, uncond) -> the
+        penalty's reference prediction (None without a penalty; a draw the penalty does not cover gets its own
+        detached prediction, so no penalty and no gradient); trained (M, K) bool: the draws inside
+        train.timestep_range, which carry the advantage (the others, drawn for train.kl_timestep_range, only the
+        penalty)."""
         t, batch, trajectories = self.train, samples.batch, samples.trajectories
         alphas = s.models.scheduler.alphas_cumprod.to(device=s.device, dtype=torch.float32)        # (T,)
         keys = samples.sample_ids.cpu()
         if t.matching_noise == "group":
             keys = keys // self.config.sample.group_size
+        trained_range = tuple(t.timestep_range)
+        penalised_range = tuple(t.kl_timestep_range or t.timestep_range)
+        hull = (min(trained_range[0], penalised_range[0]), max(trained_range[1], penalised_range[1]))
         draws = draw_matching(keys, t.matching_draws, t.matching_timesteps,
                               s.schedule.timesteps, alphas.shape[0], tuple(trajectories.latents.shape[2:]),
-                              self.config.run.seed, samples.epoch, s.device)
+                              self.config.run.seed, samples.epoch, s.device, hull)
+
+        def inside(part):
+            low, high = matching_timestep_bounds(part, alphas.shape[0])
+            return (draws.timesteps >= low) & (draws.timesteps < high)                                 # (M, K)
+
+        trained, penalised = inside(trained_range), inside(penalised_range)
         guidance, clean = self._guidance(s), trajectories.latents[:, -1]
         reference = kl_reference(s)
-        covered = s.levers.kl_covers(samples.rows(batch.is_unsafe))                                       # (M,)
-        partial = not bool(covered.all())
+        covered = s.levers.kl_covers(samples.rows(batch.is_unsafe))[:, None] & penalised                  # (M, K)
 
         def predictions(unet, rows, units):
             timesteps = draws.timesteps[rows, units]
@@ -113,15 +143,18 @@ class AdvantageWeightedMatching:
         def reference_for(rows, units, cond, uncond):
             if reference is None or t.kl_coef <= 0:
                 return None
+            mask = covered[rows, units]
+            if not bool(mask.any()):  # nothing here is penalised: the own prediction, no reference pass
+                return ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
             with torch.no_grad(), reference() as ref_unet:
                 ref_cond, ref_uncond, _, _ = predictions(ref_unet, rows, units)
                 ref = ops.reference.guided_output(ref_cond, ref_uncond, guidance.guidance_scale)
-            if partial:
+            if not bool(mask.all()):
                 guided = ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
-                ref = torch.where(covered[rows].view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
+                ref = torch.where(mask.view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
             return ref
 
-        return draws, predictions, reference_for
+        return draws, predictions, reference_for, trained
 
     def rollout_values(self, s, plan, draws, compute):
         """compute(rows, units) -> (rows, ...) under the rollout policy (no grad) for every (row, draw) of this rank's
@@ -143,12 +176,13 @@ class AdvantageWeightedMatching:
         (this rank's first inner-epoch plan) the rollout policy's surrogates are computed first, on the plan's own
         micro-batches, so the first optimiser step's ratio is exactly 1; without it the loss is on-policy."""
         t = self.train
-        draws, predictions, reference_for = self.matching_inputs(s, samples)
+        draws, predictions, reference_for, trained = self.matching_inputs(s, samples)
         guidance_scale = self._guidance(s).guidance_scale
 
         def matching(rows, units, old, penalised=True):
             cond, uncond, target, _ = predictions(s.unet, rows, units)
-            return ops.matching_loss(cond, target, advantages[rows], old_surrogates=old, clip_range=t.clip_range,
+            weights = advantages[rows] * trained[rows, units]           # a penalty-only draw has no advantage
+            return ops.matching_loss(cond, target, weights, old_surrogates=old, clip_range=t.clip_range,
                                      clip_range_high=t.clip_range_high, uncond_prediction=uncond,
                                      guidance_scale=guidance_scale,
                                      reference_prediction=reference_for(rows, units, cond, uncond) if penalised

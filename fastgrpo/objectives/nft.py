@@ -29,7 +29,7 @@ class NegativeAwareFineTuning(AdvantageWeightedMatching):
         policy's guided predictions on every draw are stored first (so the first optimiser step starts at
         prediction = old); without it the loss is on-policy (old = the prediction, detached)."""
         t = self.train
-        draws, predictions, reference_for = self.matching_inputs(s, samples)
+        draws, predictions, reference_for, trained = self.matching_inputs(s, samples)
         guidance = self._guidance(s)
 
         def guided(rows, units):
@@ -48,6 +48,7 @@ class NegativeAwareFineTuning(AdvantageWeightedMatching):
                 scale = ops.reference.x0_scale(alpha_prod, guidance.prediction_type)
             else:
                 scale = torch.ones_like(alpha_prod)
+            scale = scale * trained[rows, units]  # a penalty-only draw: c = 0, no error, no gradient of its own
             return ops.nft_loss(cond, target, old_prediction, advantages[rows], scale, beta=t.nft_beta,
                                 adv_clip_max=t.adv_clip_max, uncond_prediction=uncond,
                                 guidance_scale=guidance.guidance_scale,

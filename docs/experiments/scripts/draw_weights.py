@@ -49,7 +49,7 @@ def _report(session, config) -> None:
     for epoch in range(EPOCHS):
         with torch.no_grad():
             samples = collect_epoch(session, epoch)
-            draws, predictions, _ = objective.matching_inputs(session, samples)
+            draws, predictions, _, _ = objective.matching_inputs(session, samples)
             rows = torch.arange(draws.timesteps.shape[0])
             for k in range(draws.timesteps.shape[1]):
                 units = torch.full_like(rows, k)
