@@ -251,19 +251,23 @@ def test_nft_weighting_moves_the_first_update(tiny_overrides, tmp_path):
     assert norms[0] != pytest.approx(norms[1], rel=1e-3)
 
 
-@pytest.mark.parametrize("objective", ["awm", "nft"])
-def test_matching_objectives_resume_equals_uninterrupted(tiny_overrides, tmp_path, objective):
+KL_RANGE = ["train.kl_coef=0.1", "train.timestep_range=[0.5,1.0]", "train.kl_timestep_range=[0.0,0.5]"]
+
+
+@pytest.mark.parametrize("objective, extra", [("awm", []), ("nft", []), ("nft", KL_RANGE)])
+def test_matching_objectives_resume_equals_uninterrupted(tiny_overrides, tmp_path, objective, extra):
     common = tiny_overrides + [f"train.objective={objective}", "run.save_every=1", "run.num_sample_images=0",
-                               "run.epochs=3", "train.num_inner_epochs=2"]
+                               "run.epochs=3", "train.num_inner_epochs=2", *extra]
     straight, resumed = straight_and_resumed(common, tmp_path)
     a, b = unet_weights(list_checkpoints(straight)[-1][1]), unet_weights(list_checkpoints(resumed)[-1][1])
     assert all(torch.equal(a[k], b[k]) for k in a), "resume is not bitwise exact"
 
 
-@pytest.mark.parametrize("objective", ["awm", "nft"])
-def test_matching_objectives_with_lora_train_only_the_adapters(tiny_overrides, tmp_path, objective):
+@pytest.mark.parametrize("objective, extra", [("awm", []), ("nft", []), ("awm", KL_RANGE[1:])])
+def test_matching_objectives_with_lora_train_only_the_adapters(tiny_overrides, tmp_path, objective, extra):
     run = train(load_config("smoke", tiny_overrides + [f"train.objective={objective}", "lora.rank=2",
-                                                       "train.kl_coef=0.1", f"run.output_dir={tmp_path / 'lora'}"]))
+                                                       "train.kl_coef=0.1", *extra,
+                                                       f"run.output_dir={tmp_path / 'lora'}"]))
     steps = _steps(run)
     assert steps[0].get("ratio_min", 1.0) == 1.0 and steps[0].get("deviation", 0.0) == 0.0
     assert all(s["kl"] >= 0 for s in steps)
