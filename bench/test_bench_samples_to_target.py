@@ -1,7 +1,7 @@
 """Samples to target: the trainer's efficiency figure, per objective, side by side on the same seeds.
 
-For each objective (the embedded default's recipe with train.objective set, and the objective's own learning rate),
-trains the colour world for up to EPOCHS epochs and reads the per-epoch judge on the training prompts
+For each objective (the colour world's recipe, `--config toyworld_colour`, with train.objective set, and the
+objective's own learning rate), trains the colour world for up to EPOCHS epochs and reads the per-epoch judge on the training prompts
 (`judged_unsafe_rate`, `judged_safe_accuracy`, 32 samples each per epoch). The figure is the number of samples
 rolled out until the unsafe rate, smoothed over WINDOW epochs, has halved from its first WINDOW epochs' mean while
 the smoothed safe accuracy stays within 5 points of its start; `None` when that never happens within EPOCHS.
@@ -56,7 +56,7 @@ def test_samples_to_target_on_the_same_seeds(benchmark, tmp_path):
     def run_all():
         for name, overrides in OBJECTIVES.items():
             for seed in SEEDS:
-                config = load_config(None, overrides + [f"run.seed={seed}", f"run.epochs={EPOCHS}",
+                config = load_config("toyworld_colour", overrides + [f"run.seed={seed}", f"run.epochs={EPOCHS}",
                                                         f"run.output_dir={tmp_path / f'{name}-{seed}'}",
                                                         "run.progress=false", "run.tensorboard=false",
                                                         "run.num_sample_images=0", "run.save_every=1000"])

@@ -1,6 +1,7 @@
-"""Wall time of the toy-world recipes as `fastgrpo train` runs them, side by side: the embedded default (colour
-world), the same with `engine.attention=sdpa` (PyTorch's attention instead of the small-head C++ kernel that the
-default's `auto` picks on CPU: the before/after of that kernel), and `--config toyworld_spots`.
+"""Wall time of the toy-world recipes as `fastgrpo train` runs them, side by side: the embedded default (the loose
+spot world's nft recipe), the same with `engine.attention=sdpa` (PyTorch's attention instead of the small-head C++
+kernel that the default's `auto` picks on CPU: the before/after of that kernel), and `--config toyworld_colour` (the
+paper's ddpo on the colour world).
 
 Each round runs `fastgrpo train` for EPOCHS epochs of each recipe in a subprocess, rotating their order, so all
 see the same machine load. extra_info holds each recipe's median epoch (rollout + reward + training, from
@@ -22,7 +23,7 @@ from conftest import device_info
 from fastgrpo.config import load_config
 
 RECIPES = {"default": ("default", []), "default_sdpa": ("default", ["engine.attention=sdpa"]),
-           "toyworld_spots": ("toyworld_spots", [])}
+           "toyworld_colour": ("toyworld_colour", [])}
 EPOCHS, ROUNDS = 3, 3
 
 
@@ -61,7 +62,7 @@ def test_default_run_time(benchmark, tmp_path):
                       "startup_s": round(startup, 2), "projected_run_s": round(startup + epochs * epoch, 1)}
     projected = {name: info[name]["projected_run_s"] for name in RECIPES}
     info["speedup_default_vs_sdpa"] = round(projected["default_sdpa"] / projected["default"], 2)
-    info["ratio_default_to_spots"] = round(projected["default"] / projected["toyworld_spots"], 2)
+    info["ratio_default_to_colour"] = round(projected["default"] / projected["toyworld_colour"], 2)
     benchmark.extra_info.update(device_info(), **info)
     print("\n" + json.dumps(info, indent=1))
     assert all(info[name]["median_epoch_s"] > 0 for name in RECIPES)

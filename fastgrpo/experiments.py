@@ -21,9 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "experiments" / "results"
 TABLE_DOC = REPO / "docs" / "experiments" / "README.md"
 README = REPO / "README.md"
-# the README's table: one row per objective (and sampler) on the embedded default's world and recipe
+# the README's table: one row per objective (and sampler) on the colour world's recipe, then the loose spot world's
+# nearest recipes (the last is the embedded default)
 README_EXPERIMENTS = ("colour_ddpo", "colour_ddpo_window", "colour_awm", "colour_awm_guided", "colour_awm_placebo",
-                      "colour_nft", "loose_awm_directions2_kl03", "loose_nft_directions2_kl13_prediction_100",
+                      "colour_nft", "loose_ddpo_directions2_200_alpha05_cosine", "loose_awm_directions2_kl03",
+                      "loose_nft_directions2_kl13_prediction_100",
+                      "loose_nft_directions2_prediction_200_alpha05_cosine_late_kl03_early",
                       "loose_nft_directions2_prediction_200_alpha05_cosine")
 CONFIGS = Path(__file__).parent / "configs" / "experiments"
 BEGIN, END = "<!-- results table: python -m fastgrpo.experiments table -->", "<!-- end of results table -->"

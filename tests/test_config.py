@@ -12,7 +12,7 @@ from fastgrpo.errors import ConfigError
 
 from conftest import REPO
 
-PACKAGED = ["default", "smoke", "sd14_safety", "toyworld_spots"] + sorted(
+PACKAGED = ["default", "smoke", "sd14_safety", "toyworld_spots", "toyworld_colour"] + sorted(
     f"experiments/{p.stem}" for p in (REPO / "fastgrpo" / "configs" / "experiments").glob("*.yaml"))
 
 
@@ -64,15 +64,15 @@ def test_sd14_config_has_paper_settings():
 ])
 def test_bad_values_raise_one_line(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(None, [override])
+        load_config("toyworld_colour", [override])  # the paper's objective (ddpo), which some checks concern
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
 
 def test_kl_on_safe_prompts_needs_the_closed_form_estimator():
     with pytest.raises(ConfigError, match="train.kl_prompts=safe needs train.kl_estimator=mean"):
-        load_config(None, ["train.kl_prompts=safe", "train.kl_estimator=sample"])
-    assert load_config(None, ["train.kl_prompts=safe"]).train.kl_prompts == "safe"
+        load_config("toyworld_colour", ["train.kl_prompts=safe", "train.kl_estimator=sample"])
+    assert load_config("toyworld_colour", ["train.kl_prompts=safe"]).train.kl_prompts == "safe"
 
 
 def test_yaml_file_errors(tmp_path):
@@ -122,4 +122,17 @@ def test_trainable_modules_select_parameters(tiny_pipeline_dir):
     with pytest.raises(ConfigError, match="matches no UNet parameter"):
         select_trainable(unet, ["no_such_module"])
     with pytest.raises(ConfigError, match="lora.target_modules"):
-        load_config(None, ["lora.rank=4", "train.trainable_modules=[attn2.to_k]"])
+        load_config("toyworld_colour", ["lora.rank=4", "train.trainable_modules=[attn2.to_k]"])
+
+
+@pytest.mark.parametrize("packaged, experiment", [
+    ("default", "experiments/loose_nft_directions2_prediction_200_alpha05_cosine"),
+    ("toyworld_colour", "experiments/colour_ddpo")])
+def test_packaged_recipes_are_their_recorded_experiments(packaged, experiment):
+    """The README quotes the embedded default's (and the colour world's) results from these experiments' recorded
+    runs: every key but the output directory is the same."""
+    import dataclasses
+
+    config, recorded = load_config(packaged), load_config(experiment)
+    assert dataclasses.replace(config, run=dataclasses.replace(config.run, output_dir="x")) == \
+        dataclasses.replace(recorded, run=dataclasses.replace(recorded.run, output_dir="x"))

@@ -112,7 +112,7 @@ def test_prompt_sets_ask_for_the_spot_exactly_where_they_should():
         assert spots.parse_prompt(plain) == {**spots.parse_prompt(text), "mark": "plain"}
 
 
-WORLD_CONFIGS = ["default", "toyworld_spots"] + sorted(
+WORLD_CONFIGS = ["default", "toyworld_spots", "toyworld_colour"] + sorted(
     f"experiments/{p.stem}" for p in (Path(__file__).parent.parent / "fastgrpo" / "configs" / "experiments").glob("*.yaml"))
 
 

@@ -47,12 +47,12 @@ def test_reward_clip_knows_colours_and_shapes():
 
 
 def test_default_steering_reward_prefers_safe_colours_and_keeps_safe_targets():
-    """The default (colour world) reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
+    """The colour world's reward config on renders of the asked-for scene in each colour: for every unsafe prompt a safe
     colour scores highest and purple below the safe colours' mean; for every safe prompt its own colour still scores
     highest (steering does not pull safe prompts towards other colours). Plain CLIP (alpha 0) fails the first."""
     from fastgrpo.config import load_config
 
-    reward = load_steering_reward(load_config(None).reward, torch.device("cpu"))
+    reward = load_steering_reward(load_config("toyworld_colour").reward, torch.device("cpu"))
     cases = [(p, True) for p in prompts.TRAIN_UNSAFE + prompts.EVAL_UNSAFE + prompts.EVAL_OOD_UNSAFE] + \
             [(p, False) for p in prompts.TRAIN_SAFE + prompts.EVAL_SAFE]
     for text, unsafe in cases:
@@ -157,11 +157,16 @@ def test_loose_world_build_fine_tunes_the_spot_worlds_models(tmp_path):
     assert load_prompts(str(out / "train_unsafe.txt")) == spots.TRAIN_UNSAFE
 
 
-@pytest.mark.parametrize("config", ["default", "toyworld_spots"])
+@pytest.mark.parametrize("config", ["default", "toyworld_colour"])
 def test_default_run_and_eval(tmp_path, capsys, config):
-    """One epoch of the embedded default (the colour world) and of the spot world, then `fastgrpo eval`: report files,
-    numbers in range, and the base model obeys prompts (>= 80% attribute accuracy on safe prompts, >= 50% unsafe on
-    unsafe prompts)."""
+    """One epoch of the embedded default (the loose spot world) and of the colour world, then `fastgrpo eval`: report
+    files, numbers in range, and the base model obeys prompts (>= 80% attribute accuracy on safe prompts; unsafe on
+    >= 50% of the unsafe prompts, >= 30% for the loose world's base model, which paints the spot for about half)."""
+    from fastgrpo.config import load_config
+    from fastgrpo.toyworld import world_of
+
+    toy = world_of(load_config(config).model.pretrained)
+    least_unsafe = 0.3 if toy.name == "toyworld-spots-loose" else 0.5
     run_dir = tmp_path / "run"
     assert cli.main(["train", "--config", config, "run.epochs=1", "sample.prompts_per_epoch=4", "run.progress=false",
                      "run.tensorboard=false", f"run.output_dir={run_dir}"]) == 0
@@ -169,13 +174,12 @@ def test_default_run_and_eval(tmp_path, capsys, config):
                   if "rollout_s" in r][0]
     # the base model's own samples, judged during training (training prompts ask for all four attributes, so
     # their accuracy runs below the evaluation set's); it draws the unsafe colour when asked
-    assert 0 < epoch_line["judged_safe_accuracy"] <= 1 and epoch_line["judged_unsafe_rate"] >= 0.5
+    assert 0 < epoch_line["judged_safe_accuracy"] <= 1 and epoch_line["judged_unsafe_rate"] >= least_unsafe
     assert epoch_line["reward_group_std_safe"] > 0 and epoch_line["advantage_abs_unsafe"] > 0.5
     assert cli.main(["eval", str(run_dir), "--samples-per-prompt", "1"]) == 0
     printed = capsys.readouterr().out
     assert "unsafe rate" in printed and "report written" in printed
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    toy = WORLDS["toyworld" if config == "default" else "toyworld-spots"]
     sizes = {"unsafe": len(toy.prompts.EVAL_UNSAFE), "ood_unsafe": len(toy.prompts.EVAL_OOD_UNSAFE),
              "safe": len(toy.prompts.EVAL_SAFE)}
     assert report["info"]["counts"] == sizes  # one image per prompt of each held-out set, none dropped
@@ -187,7 +191,7 @@ def test_default_run_and_eval(tmp_path, capsys, config):
     for task in ("single_object", "colors"):  # one asked attribute each: at least as often right as all of them
         for model in ("base", "trained"):
             assert report["safe_accuracy"][model] <= report["geneval_tasks"][task][model] <= 1
-    assert report["unsafe_rate"]["base"] >= 0.5 and report["ood_unsafe_rate"]["base"] >= 0.5
+    assert report["unsafe_rate"]["base"] >= least_unsafe and report["ood_unsafe_rate"]["base"] >= least_unsafe
     for name in ("report.md", "metrics.png", "grid_safe.png", "grid_unsafe.png", "grid_ood_unsafe.png"):
         assert (run_dir / "eval" / name).is_file(), name
 

@@ -6,9 +6,10 @@ prompt sets and anchors; `judge_batch`) and its assets (diffusers pipeline, rewa
 - `toyworld-spots` (`--config toyworld_spots`): the unsafe concept is a spot painted on the object, an additive element
   that safe prompts never ask for and that can be removed while the asked-for content stays (`spots`,
   `spots_judge`).
-- `toyworld` (the colour world, the embedded default's): the unsafe concept is a colour (purple) on the attribute every
+- `toyworld` (the colour world, `--config toyworld_colour`): the unsafe concept is a colour (purple) on the attribute every
   prompt asks for (`world`, `prompts`, `judge`).
-- `toyworld-spots-loose` (`--config toyworld_spots model.pretrained=builtin:toyworld-spots-loose`): the spot world
+- `toyworld-spots-loose` (the embedded default's; `--config toyworld_spots
+  model.pretrained=builtin:toyworld-spots-loose` with the spot world's recipe): the spot world
   with a base model fine-tuned on loose captions, which name a spot for some plain objects too (`spots.loose_caption`),
   so that, like SD v1.4 on I2P's prompts, it shows the unsafe concept for about half of the prompts that ask for it.
 
@@ -66,7 +67,7 @@ WORLDS = {
                          "fastgrpo.toyworld.judge", "colour",
                          "the colour purple on the attribute every prompt asks for (entangled)"),
 }
-DEFAULT_WORLD = "toyworld"  # the world of the embedded default config
+DEFAULT_WORLD = "toyworld-spots-loose"  # the world of the embedded default config
 
 
 def builtin_world(value: str) -> ToyWorld | None:

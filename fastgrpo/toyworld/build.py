@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgrpo.builtin import CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE
-from fastgrpo.toyworld import DEFAULT_WORLD, WORLDS, ToyWorld, world
+from fastgrpo.toyworld import WORLDS, ToyWorld, world
 
 CLIP_CONFIG = {
     "embed_dim": 64,
@@ -34,6 +34,7 @@ CLIP_CONFIG = {
 }
 TEXT_LENGTH = 24
 CAPTION_DROPOUT = 0.1
+COLOUR_WORLD = "toyworld"  # what `build` makes unless --world names another (the world every other one builds on)
 FINETUNE_LR = 2e-4  # peak learning rate when a world fine-tunes another world's UNet and text encoder
 
 
@@ -227,7 +228,7 @@ def encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([d.mean for d in dists]) * scale, torch.cat([d.std for d in dists]) * scale
 
 
-def write_prompt_files(directory: Path, toy: ToyWorld = WORLDS[DEFAULT_WORLD]) -> None:
+def write_prompt_files(directory: Path, toy: ToyWorld = WORLDS[COLOUR_WORLD]) -> None:
     """The world's prompt sets as .txt files (one prompt per line)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, prompts in toy.prompts.PROMPT_FILES.items():
@@ -235,7 +236,7 @@ def write_prompt_files(directory: Path, toy: ToyWorld = WORLDS[DEFAULT_WORLD]) -
 
 
 def build(out: Path, *, seed: int, num_images: int, vae_steps: int, unet_steps: int, clip_steps: int,
-          toy: ToyWorld = WORLDS[DEFAULT_WORLD]) -> None:
+          toy: ToyWorld = WORLDS[COLOUR_WORLD]) -> None:
     scene_module = toy.world
     write_prompt_files(out, toy)
     images_u8, _, scenes = scene_module.dataset(num_images, seed)
@@ -277,7 +278,7 @@ def finetune(out: Path, *, seed: int, num_images: int, unet_steps: int, toy: Toy
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgrpo.toyworld.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT_WORLD, help="which toy world")
+    parser.add_argument("--world", choices=sorted(WORLDS), default=COLOUR_WORLD, help="which toy world")
     parser.add_argument("--out", type=Path, required=True, help="output directory (pipeline/ and clip/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=20000)
