@@ -184,12 +184,11 @@ def test_real_deepspeed_checkpoints_pass_the_safety_scan(runs):
 
 NEW_OPTIONS = {"awm": ["train.objective=awm", "train.timestep_fraction=1.0", "train.matching_draws=2",
                        "train.kl_coef=0.1", "sample.sde_window_size=2", "sample.sde_window_schedule=random"],
-               "nft": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1", "train.nft_beta=0.5"],
+               "nft": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1", "train.nft_beta=0.5",
+                       "train.timestep_range=[0.5,1.0]", "train.kl_timestep_range=[0.0,0.5]"],
                "ddpo_window": ["sample.sde_window_size=2", "sample.sde_window_schedule=sliding",
                                "sample.sde_window_shift_every=1"],
-               "lr_cosine": ["train.lr_schedule=cosine", "train.lr_min_ratio=0.2"],
-               "nft_kl_range": ["train.objective=nft", "train.matching_draws=2", "train.kl_coef=0.1",
-                                "train.timestep_range=[0.5,1.0]", "train.kl_timestep_range=[0.0,0.5]"]}
+               "lr_cosine": ["train.lr_schedule=cosine", "train.lr_min_ratio=0.2"]}
 
 
 @pytest.mark.parametrize("name", list(NEW_OPTIONS))

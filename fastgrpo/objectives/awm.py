@@ -130,6 +130,7 @@ class AdvantageWeightedMatching:
         guidance, clean = self._guidance(s), trajectories.latents[:, -1]
         reference = kl_reference(s)
         covered = s.levers.kl_covers(samples.rows(batch.is_unsafe))[:, None] & penalised                  # (M, K)
+        everywhere, anywhere = bool(covered.all()), bool(covered.any())  # read once per epoch, not per micro-batch
 
         def predictions(unet, rows, units):
             timesteps = draws.timesteps[rows, units]
@@ -143,15 +144,14 @@ class AdvantageWeightedMatching:
         def reference_for(rows, units, cond, uncond):
             if reference is None or t.kl_coef <= 0:
                 return None
-            mask = covered[rows, units]
-            if not bool(mask.any()):  # nothing here is penalised: the own prediction, no reference pass
+            if not anywhere:  # nothing this epoch is penalised: the own prediction, no reference pass
                 return ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
             with torch.no_grad(), reference() as ref_unet:
                 ref_cond, ref_uncond, _, _ = predictions(ref_unet, rows, units)
                 ref = ops.reference.guided_output(ref_cond, ref_uncond, guidance.guidance_scale)
-            if not bool(mask.all()):
+            if not everywhere:
                 guided = ops.reference.guided_output(cond, uncond, guidance.guidance_scale).detach()
-                ref = torch.where(mask.view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
+                ref = torch.where(covered[rows, units].view(-1, *(1,) * (ref.dim() - 1)), ref, guided)
             return ref
 
         return draws, predictions, reference_for, trained
